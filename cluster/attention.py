@@ -1,0 +1,92 @@
+"""Multi-head latent attention over a paged cache of compressed latents.
+
+The cache holds, per token, the normed compressed kv (`kv_lora_rank`) and the rotated shared
+rope key (`qk_rope_head_dim`): `[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]` per
+layer, never expanded keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.config import TextConfig
+from cluster.layers import RMSNorm, Rope
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's share of a step: its new tokens are rows [start, start + num_new) of the
+    flat batch; they attend to the `context_slots` ([L], the last num_new being their own)."""
+
+    start: int
+    num_new: int
+    context_slots: torch.Tensor  # [L] int64 cache slots
+    causal_mask: torch.Tensor | None  # [num_new, L] bool, None when num_new == 1
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each new token's latent is written
+    spans: tuple[SeqSpan, ...]
+    cos: torch.Tensor  # [T, rope]
+    sin: torch.Tensor  # [T, rope]
+    query_scale: torch.Tensor  # [T]
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, text: TextConfig, rope: Rope) -> None:
+        super().__init__()
+        h, heads = text.hidden_size, text.num_attention_heads
+        self.heads = heads
+        self.nope, self.rope_dim, self.v_dim = text.qk_nope_head_dim, text.qk_rope_head_dim, text.v_head_dim
+        self.kv_lora_rank = text.kv_lora_rank
+        self.rope = rope
+        if text.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, heads * text.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, text.q_lora_rank, bias=text.attention_bias)
+            self.q_a_layernorm = RMSNorm(text.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(text.q_lora_rank, heads * text.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, text.latent_dim, bias=text.attention_bias)
+        # The reference builds both latent norms with the default eps, not rms_norm_eps.
+        self.kv_a_layernorm = RMSNorm(text.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(text.kv_lora_rank, heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_dim, h, bias=text.attention_bias)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes the T new latents into `cache` [NB, BS, D] first."""
+        t = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.heads, self.nope + self.rope_dim)  # [T, h, qk]
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+
+        kv_pass, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_rot = self.rope.apply(q_rot, meta.cos, meta.sin)
+        k_rot = self.rope.apply(k_rot[:, None, :], meta.cos, meta.sin)[:, 0]  # [T, r]
+        latent = torch.cat([self.kv_a_layernorm(kv_pass), k_rot], dim=-1)  # [T, D]
+        flat_cache = cache.view(-1, cache.shape[-1])  # [NB*BS, D]
+        flat_cache[meta.slot_mapping] = latent
+
+        q = torch.cat([q_nope, q_rot], dim=-1) * meta.query_scale.to(q.dtype)[:, None, None]
+        out = torch.empty(t, self.heads, self.v_dim, dtype=x.dtype)
+        w_kv = self.kv_b_proj.weight
+        for span in meta.spans:
+            ctx = flat_cache[span.context_slots]  # [L, D]
+            c, kr = ctx.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            kv = F.linear(c, w_kv).view(-1, self.heads, self.nope + self.v_dim)  # [L, h, nope+v]
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, kr[:, None, :].expand(-1, self.heads, -1)], dim=-1)  # [L, h, qk]
+            qs = q[span.start:span.start + span.num_new]  # [n, h, qk]
+            o = F.scaled_dot_product_attention(
+                qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=span.causal_mask, scale=self.rope.softmax_scale)  # [h, n, v]
+            out[span.start:span.start + span.num_new] = o.transpose(0, 1)
+        return self.o_proj(out.reshape(t, self.heads * self.v_dim))

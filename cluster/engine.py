@@ -1,0 +1,190 @@
+"""The engine loop: admit requests, schedule a step, run one forward over every scheduled
+sequence, sample, detect stops, report outputs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cluster.attention import AttentionMetadata, SeqSpan
+from cluster.checkpoint import CheckpointReader
+from cluster.config import load_model_config
+from cluster.dispatch import Dispatcher, transport_factory
+from cluster.engine_config import EngineConfig, resolve_limits
+from cluster.errors import DuplicateRequestError, InvalidTokenError, PromptTooLongError, RequestError
+from cluster.kv_cache import BlockManager, allocate_caches
+from cluster.model import Mistral4TextModel
+from cluster.sampler import logprobs_of, sample
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from cluster.sequence import RequestOutput, Sequence, Status
+from cluster.stats import EngineStats
+from cluster.stop import StopChecker
+
+
+@dataclass
+class _Counters:
+    forward_calls: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    aborts: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
+                 dispatcher: Dispatcher | None = None, transport: str = "local") -> None:
+        self.model_dir = Path(model_dir)
+        self.config = config or EngineConfig()
+        self.model_config = load_model_config(self.model_dir)
+        self.text = self.model_config.text
+        reader = CheckpointReader(self.model_dir, self.model_config)
+        self.model = Mistral4TextModel.from_reader(reader)
+        self.dispatcher = dispatcher or transport_factory(transport)(reader)
+        limits = resolve_limits(self.config, self.text, self.model.dtype)
+        self.max_model_len = limits.max_model_len
+        self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size)
+        self.caches = allocate_caches(self.text, limits.num_kv_blocks, self.config.block_size, self.model.dtype)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+                                   self.blocks)
+        self.stop = StopChecker.for_model_dir(self.model_dir, self.text.eos_token_id)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self.counters = _Counters()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise RequestError("prompt is empty: at least one token is needed")
+        vocab = self.text.vocab_size
+        for i, tok in enumerate(prompt_token_ids):
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab:
+                raise InvalidTokenError(f"prompt token {i} is {tok!r}, outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt has {len(prompt_token_ids)} tokens; the context limit is "
+                                     f"{self.max_model_len} (prompt plus at least one generated token)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    inputs_embeds: torch.Tensor | None = None) -> None:
+        if request_id in self._seqs:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        self.validate_prompt(prompt_token_ids)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != (len(prompt_token_ids), self.text.hidden_size):
+            raise RequestError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected "
+                               f"({len(prompt_token_ids)}, {self.text.hidden_size})")
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals),
+                       inputs_embeds=inputs_embeds)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.stop.start(seq)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.counters.prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        self.stop.forget(seq)
+        self.counters.aborts += 1
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        input_ids, meta, embeds, rows = self._prepare(scheduled)
+        logits = self.model(input_ids, meta, self.caches, self.dispatcher, rows, inputs_embeds=embeds)
+        self.counters.forward_calls += 1
+        self.counters.steps += 1
+        completing = [s for s in scheduled if s.completes]
+        for s in scheduled:
+            s.seq.num_computed += s.num_new
+        tokens = sample(logits, [s.seq.params for s in completing], [s.seq.generator for s in completing])
+        outputs = []
+        for row, (s, tok) in enumerate(zip(completing, tokens, strict=True)):
+            seq = s.seq
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(logprobs_of(logits[row], tok, seq.params.logprobs))
+            seq.token_ids.append(tok)
+            self.counters.generation_tokens += 1
+            self.stop.update(seq, tok, self.max_model_len)
+            if seq.finished:
+                self.scheduler.remove(seq)
+                del self._seqs[seq.request_id]
+                self.stop.forget(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _prepare(self, scheduled: list[ScheduledSeq]
+                 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, torch.Tensor]:
+        ids, positions, slots, spans, rows = [], [], [], [], []
+        embeds: list[tuple[int, torch.Tensor]] = []
+        start = 0
+        for s in scheduled:
+            seq, c, n = s.seq, s.seq.num_computed, s.num_new
+            ids.extend(seq.token_ids[c:c + n])
+            positions.append(torch.arange(c, c + n))
+            slots.append(self.blocks.slots(seq.request_id, c, c + n))
+            mask = None
+            if n > 1:
+                mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None]  # [n, c+n]
+            spans.append(SeqSpan(start, n, self.blocks.slots(seq.request_id, 0, c + n), mask))
+            if seq.inputs_embeds is not None and c < seq.num_prompt_tokens:
+                upto = min(c + n, seq.num_prompt_tokens)
+                embeds.append((start, seq.inputs_embeds[c:upto]))
+            if s.completes:
+                rows.append(start + n - 1)
+            start += n
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        pos = torch.cat(positions)
+        cos, sin = self.model.rope.cos_sin(pos, self.model.dtype)
+        meta = AttentionMetadata(pos, torch.cat(slots), tuple(spans), cos, sin, self.model.rope.query_scale(pos))
+        inputs_embeds = None
+        if embeds:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            for at, e in embeds:
+                inputs_embeds[at:at + e.shape[0]] = e.to(inputs_embeds.dtype)
+        return input_ids, meta, inputs_embeds, torch.tensor(rows, dtype=torch.long)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = seq.output_ids
+        new = tuple(out[seq.reported:])
+        seq.reported = len(out)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=tuple(seq.token_ids[:seq.num_prompt_tokens]),
+            token_ids=tuple(out), new_token_ids=new, text=self.stop.visible_text(seq), finished=seq.finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions, forward_calls=self.counters.forward_calls,
+            prompt_tokens=self.counters.prompt_tokens, generation_tokens=self.counters.generation_tokens,
+            aborts=self.counters.aborts)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+        live = {s.request_id for s in self.scheduler.running} | {s.request_id for s in self.scheduler.waiting}
+        if live != set(self._seqs):
+            raise RuntimeError(f"engine tracks {sorted(self._seqs)} but scheduler holds {sorted(live)}")
+
+    def close(self) -> None:
+        self.dispatcher.close()

@@ -1,0 +1,41 @@
+"""Typed errors for everything a user (a request, a config, a checkpoint) can trigger."""
+
+
+class ClusterError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class CheckpointError(ClusterError):
+    """A model directory that cannot be read: missing files, bad names, bad shapes."""
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """A well-formed checkpoint this engine does not run yet (FP8, unknown model type)."""
+
+
+class ConfigError(ClusterError):
+    """An invalid configuration value; the message names the field."""
+
+
+class RequestError(ClusterError):
+    """A bad request: the engine refuses it and keeps serving the others."""
+
+
+class PromptTooLongError(RequestError):
+    """The prompt does not fit the context length (or the whole KV pool)."""
+
+
+class InvalidTokenError(RequestError):
+    """A token id outside the vocabulary."""
+
+
+class InvalidSamplingParamsError(RequestError):
+    """A sampling value out of range; the message names the field."""
+
+
+class DuplicateRequestError(RequestError):
+    """A request id that is already running."""
+
+
+class ScriptError(ClusterError):
+    """A `--script` that no bigram automaton can emit (a token with two successors)."""

@@ -1,0 +1,22 @@
+"""A point-in-time snapshot of the engine, for metrics export and autoscaling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    forward_calls: int
+    prompt_tokens: int
+    generation_tokens: int
+    aborts: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
