@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment (on a fresh machine too) and runs the test suite.
+# Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` for the quick tier.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# The CPU build of torch first: a range alone would pull a multi-gigabyte CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+ruff check .
+exec python -m pytest "$@"
