@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,9 +197,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         if vision is not None and vision.get("model_type", "pixtral") != "pixtral":
             raise UnsupportedCheckpointError(f"vision_config.model_type {vision.get('model_type')!r} is not pixtral")
         text = parse_text_config(text_raw)
+        dtype = str(raw.get("dtype", text_raw.get("dtype", "float32")))
         return ModelConfig("mistral3", text, vision, raw.get("image_token_index", 10),
-                           int(raw.get("spatial_merge_size", 2)), str(raw.get("dtype", text_raw.get("dtype", "float32"))),
-                           raw)
+                           int(raw.get("spatial_merge_size", 2)), dtype, raw)
     if model_type == "mistral4":
         text = parse_text_config(raw)
         return ModelConfig("mistral4", text, None, None, 1, str(raw.get("dtype", "float32")), raw)
@@ -226,18 +225,3 @@ def routed_flops_share(text: TextConfig) -> float:
             dense += 3 * h * text.intermediate_size
     total = attn * text.num_hidden_layers + routed + shared + dense + h * text.vocab_size
     return routed / total if total else 0.0
-
-
-def dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
-
-
-def num_params_estimate(text: TextConfig) -> int:
-    """Rough parameter count of the text model (for preset size limits)."""
-    h = text.hidden_size
-    per_expert = 3 * h * text.moe_intermediate_size
-    layers = 0
-    for layer in range(text.num_hidden_layers):
-        layers += (text.n_routed_experts + text.n_shared_experts) * per_expert if text.is_moe_layer(layer) \
-            else 3 * h * text.intermediate_size
-    return layers + 2 * h * text.vocab_size + int(math.prod((text.num_hidden_layers, h, h, 8)))

@@ -27,8 +27,8 @@ class Dispatcher(ABC):
         """Routed (token, expert) pairs seen so far, per MoE layer: {layer: [E]}."""
         return {}
 
-    def close(self) -> None:
-        """Release transport resources; the in-process dispatcher holds none."""
+    def close(self) -> None:  # noqa: B027 - optional hook; the in-process dispatcher holds nothing
+        """Release transport resources."""
 
 
 class LocalDispatcher(Dispatcher):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from cluster.engine import LLMEngine
@@ -15,8 +16,12 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import RequestOutput, TokenLogprobs
+from cluster.tokenizer import Tokenizer
+from cluster.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, merge_image_embeddings
 
 Prompt = str | Sequence[int] | dict[str, Any]
+_IDS_KEYS = {"prompt_token_ids", "images"}
+_CHAT_KEYS = {"messages", "tools", "reasoning_effort"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,8 @@ class CompletionOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, transport: str = "local") -> None:
+                 max_model_len: int | None = None, transport: str = "local",
+                 image_limits: ImageLimits | None = None) -> None:
         if model is None:
             from cluster.embedded import embedded_checkpoint
 
@@ -44,18 +50,66 @@ class LLM:
         self.engine = LLMEngine(model, config, transport=transport)
         self.tokenizer = self.engine.stop.tokenizer
         self._ids = itertools.count()
+        self.image_limits = image_limits or ImageLimits()
+        self._vision: VisionEncoder | None = None
+
+    @property
+    def vision(self) -> VisionEncoder:
+        """The in-process vision encoder, built on first use."""
+        if self._vision is None:
+            self._vision = VisionEncoder.from_model_dir(self.engine.model_dir)
+        return self._vision
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text (with BOS), token ids as given, or {"prompt_token_ids": [...]}."""
+        """Token ids of a prompt: text (with BOS), token ids as given, {"prompt_token_ids": [...]}
+        or a chat request {"messages": [...], "tools": ..., "reasoning_effort": ...}."""
+        return self._encode(prompt)[0]
+
+    def _encode(self, prompt: Prompt) -> tuple[list[int], list[ImageInput]]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer; this model directory has none")
-            return self.tokenizer.encode_text(prompt)
+            return self._tokenizer("text").encode_text(prompt), []
         if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise RequestError(f"a dict prompt needs 'prompt_token_ids'; got keys {sorted(prompt)}")
-            return list(prompt["prompt_token_ids"])
-        return list(prompt)
+            kind, allowed = ("messages", _CHAT_KEYS) if "messages" in prompt else ("prompt_token_ids", _IDS_KEYS)
+            if kind not in prompt or set(prompt) - allowed:
+                raise RequestError(f"a dict prompt is {{'prompt_token_ids', 'images'}} or {{'messages', 'tools', "
+                                   f"'reasoning_effort'}}; got keys {sorted(prompt)}")
+            if kind == "messages":
+                chat = self._tokenizer("chat").encode_chat(prompt["messages"], prompt.get("tools"),
+                                                           prompt.get("reasoning_effort"))
+                return chat.token_ids, list(chat.images)
+            images = prompt.get("images") or []
+            if not isinstance(images, list | tuple):
+                raise RequestError(f"'images' must be a list of [C, H, W] arrays, got {type(images).__name__}")
+            return list(prompt["prompt_token_ids"]), list(images)
+        return list(prompt), []
+
+    def _tokenizer(self, kind: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError(f"{kind} prompts need a tokenizer; this model directory has none")
+        return self.tokenizer
+
+    def _embed_images(self, encoded: list[tuple[list[int], list[ImageInput]]]) -> list[torch.Tensor | None]:
+        """inputs_embeds [P, H] of each prompt with images (None for the others); every image of
+        every prompt goes through one encoder call."""
+        with_images = [(ids, imgs) for ids, imgs in encoded if imgs]
+        if not with_images:
+            return [None] * len(encoded)
+        if self.engine.model_config.vision is None:
+            raise InvalidImageError(f"{self.engine.model_dir} has no vision tower; this model takes no images")
+        for _, imgs in with_images:
+            self.image_limits.check(imgs)
+            self.vision.check(imgs)
+        flat = self.vision.encode([im for _, imgs in with_images for im in imgs])
+        img_end = self.tokenizer.img_end_id if self.tokenizer else None
+        out: list[torch.Tensor | None] = []
+        for ids, imgs in encoded:
+            if not imgs:
+                out.append(None)
+                continue
+            mine, flat = flat[:len(imgs)], flat[len(imgs):]
+            out.append(merge_image_embeddings(ids, mine, self.engine.model_config.image_token_id,
+                                              self.engine.model.embed_tokens, img_end))
+        return out
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -69,12 +123,13 @@ class LLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        encoded = [self.encode(p) for p in prompts]  # all validated before any is admitted
-        for ids in encoded:
-            self.engine.validate_prompt(ids)
+        encoded = [self._encode(p) for p in prompts]  # all validated before any is admitted
+        for tokens, _ in encoded:
+            self.engine.validate_prompt(tokens)
+        embeds = self._embed_images(encoded)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, tokens, p in zip(ids, encoded, params, strict=True):
-            self.engine.add_request(rid, tokens, p)
+        for rid, (tokens, _), emb, p in zip(ids, encoded, embeds, params, strict=True):
+            self.engine.add_request(rid, tokens, p, inputs_embeds=emb)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req") as bar:
             while self.engine.has_unfinished():
