@@ -7,11 +7,9 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 
-import torch
-
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
-from cluster.sequence import RequestOutput
+from cluster.sequence import ImageRows, RequestOutput
 from cluster.stats import EngineStats
 
 
@@ -31,7 +29,7 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       inputs_embeds: torch.Tensor | None = None) -> AsyncIterator[RequestOutput]:
+                       images: ImageRows | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative output after each step that advanced it; leaving the
         loop early (or being cancelled) aborts the request and frees its blocks."""
         loop = asyncio.get_running_loop()
@@ -39,7 +37,7 @@ class AsyncEngine:
         with self._wake:
             if self._error is not None:
                 raise EngineDeadError(f"engine stopped: {self._error!r}")
-            self.engine.add_request(request_id, prompt_token_ids, params, inputs_embeds)  # raises on bad input
+            self.engine.add_request(request_id, prompt_token_ids, params, images)  # raises on bad input
             self._queues[request_id] = (loop, queue)
             self._wake.notify()
         finished = False

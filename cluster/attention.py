@@ -29,10 +29,20 @@ class SeqSpan:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """Sequences advancing by one token, attended together over padded contexts."""
+
+    rows: torch.Tensor  # [B] their rows in the flat batch
+    context_slots: torch.Tensor  # [B, Lmax] cache slots, padded with slot 0
+    valid: torch.Tensor  # [B, 1, 1, Lmax] bool, False on padding
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each new token's latent is written
-    spans: tuple[SeqSpan, ...]
+    spans: tuple[SeqSpan, ...]  # sequences with several new tokens (prefill chunks)
+    decode: DecodeBatch | None
     cos: torch.Tensor  # [T, rope]
     sin: torch.Tensor  # [T, rope]
     query_scale: torch.Tensor  # [T]
@@ -77,6 +87,8 @@ class MLAAttention(nn.Module):
 
         q = torch.cat([q_nope, q_rot], dim=-1) * meta.query_scale.to(q.dtype)[:, None, None]
         out = torch.empty(t, self.heads, self.v_dim, dtype=x.dtype)
+        if meta.decode is not None:
+            out[meta.decode.rows] = self._decode(q[meta.decode.rows], meta.decode, flat_cache)
         w_kv = self.kv_b_proj.weight
         for span in meta.spans:
             ctx = flat_cache[span.context_slots]  # [L, D]
@@ -90,3 +102,19 @@ class MLAAttention(nn.Module):
                 attn_mask=span.causal_mask, scale=self.rope.softmax_scale)  # [h, n, v]
             out[span.start:span.start + span.num_new] = o.transpose(0, 1)
         return self.o_proj(out.reshape(t, self.heads * self.v_dim))
+
+    def _decode(self, q: torch.Tensor, batch: DecodeBatch, flat_cache: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, attending in latent space: the key and value up-projections
+        are absorbed into the query and the output, so contexts are never expanded per head."""
+        b = q.shape[0]
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [h, nope, c], [h, v, c]
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, h, nope], [B, h, r]
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, h, c]
+        query = torch.cat([q_lat, q_rot], dim=-1).unsqueeze(2)  # [B, h, 1, c+r]
+        ctx = flat_cache[batch.context_slots]  # [B, L, c+r]
+        key = ctx.unsqueeze(1).expand(b, self.heads, -1, -1)  # [B, h, L, c+r]
+        value = key[..., :self.kv_lora_rank]  # [B, h, L, c]
+        o_lat = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.valid,
+                                               scale=self.rope.softmax_scale)  # [B, h, 1, c]
+        return torch.einsum("bhc,hvc->bhv", o_lat[:, :, 0], w_uv)  # [B, h, v]

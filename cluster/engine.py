@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.attention import AttentionMetadata, SeqSpan
+from cluster.attention import AttentionMetadata, DecodeBatch, SeqSpan
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
 from cluster.dispatch import Dispatcher, transport_factory
@@ -20,7 +20,7 @@ from cluster.model import Mistral4TextModel
 from cluster.sampler import logprobs_of, sample
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from cluster.sequence import RequestOutput, Sequence, Status
+from cluster.sequence import ImageRows, RequestOutput, Sequence, Status
 from cluster.stats import EngineStats
 from cluster.stop import StopChecker
 
@@ -69,23 +69,33 @@ class LLMEngine:
                                      f"{self.max_model_len} (prompt plus at least one generated token)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    inputs_embeds: torch.Tensor | None = None) -> None:
+                    images: ImageRows | None = None) -> None:
         if request_id in self._seqs:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         self.validate_prompt(prompt_token_ids)
-        if inputs_embeds is not None and tuple(inputs_embeds.shape) != (len(prompt_token_ids), self.text.hidden_size):
-            raise RequestError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected "
-                               f"({len(prompt_token_ids)}, {self.text.hidden_size})")
+        if images is not None:
+            self._validate_images(images, len(prompt_token_ids))
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals),
-                       inputs_embeds=inputs_embeds)
+                       images=images)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         self.stop.start(seq)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self.counters.prompt_tokens += len(prompt_token_ids)
+
+    def _validate_images(self, images: ImageRows, prompt_len: int) -> None:
+        n = images.positions.shape[0]
+        if tuple(images.embeds.shape) != (n, self.text.hidden_size):
+            raise RequestError(f"image embeddings have shape {tuple(images.embeds.shape)}, expected "
+                               f"({n}, {self.text.hidden_size})")
+        if n and (images.positions.min() < 0 or images.positions.max() >= prompt_len
+                  or not bool((images.positions.diff() > 0).all())):
+            raise RequestError(f"image positions must be increasing prompt positions in [0, {prompt_len})")
+        if not bool(torch.isfinite(images.embeds).all()):
+            raise RequestError("image embeddings contain NaN or infinity")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.pop(request_id, None)
@@ -132,32 +142,40 @@ class LLMEngine:
     def _prepare(self, scheduled: list[ScheduledSeq]
                  ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, torch.Tensor]:
         ids, positions, slots, spans, rows = [], [], [], [], []
-        embeds: list[tuple[int, torch.Tensor]] = []
+        decode_rows: list[int] = []
+        decode_slots: list[torch.Tensor] = []
+        embeds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows in the flat batch, [n, H])
         start = 0
         for s in scheduled:
             seq, c, n = s.seq, s.seq.num_computed, s.num_new
             ids.extend(seq.token_ids[c:c + n])
             positions.append(torch.arange(c, c + n))
-            slots.append(self.blocks.slots(seq.request_id, c, c + n))
-            mask = None
-            if n > 1:
+            context = self.blocks.slots(seq.request_id, 0, c + n)
+            slots.append(context[c:])
+            if n == 1:
+                decode_rows.append(start)
+                decode_slots.append(context)
+            else:
                 mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None]  # [n, c+n]
-            spans.append(SeqSpan(start, n, self.blocks.slots(seq.request_id, 0, c + n), mask))
-            if seq.inputs_embeds is not None and c < seq.num_prompt_tokens:
-                upto = min(c + n, seq.num_prompt_tokens)
-                embeds.append((start, seq.inputs_embeds[c:upto]))
+                spans.append(SeqSpan(start, n, context, mask))
+            if seq.images is not None and c < seq.num_prompt_tokens:
+                pos = seq.images.positions
+                hit = (pos >= c) & (pos < c + n)
+                if bool(hit.any()):
+                    embeds.append((start - c + pos[hit], seq.images.embeds[hit]))
             if s.completes:
                 rows.append(start + n - 1)
             start += n
         input_ids = torch.tensor(ids, dtype=torch.long)
         pos = torch.cat(positions)
         cos, sin = self.model.rope.cos_sin(pos, self.model.dtype)
-        meta = AttentionMetadata(pos, torch.cat(slots), tuple(spans), cos, sin, self.model.rope.query_scale(pos))
+        meta = AttentionMetadata(pos, torch.cat(slots), tuple(spans), _decode_batch(decode_rows, decode_slots),
+                                 cos, sin, self.model.rope.query_scale(pos))
         inputs_embeds = None
         if embeds:
             inputs_embeds = self.model.embed_tokens(input_ids)
             for at, e in embeds:
-                inputs_embeds[at:at + e.shape[0]] = e.to(inputs_embeds.dtype)
+                inputs_embeds[at] = e.to(inputs_embeds.dtype)
         return input_ids, meta, inputs_embeds, torch.tensor(rows, dtype=torch.long)
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -188,3 +206,12 @@ class LLMEngine:
 
     def close(self) -> None:
         self.dispatcher.close()
+
+
+def _decode_batch(rows: list[int], contexts: list[torch.Tensor]) -> DecodeBatch | None:
+    if not rows:
+        return None
+    lengths = torch.tensor([len(c) for c in contexts])
+    padded = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)  # [B, Lmax], pad slot 0
+    valid = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
+    return DecodeBatch(torch.tensor(rows, dtype=torch.long), padded, valid[:, None, None, :])

@@ -29,26 +29,27 @@ class RoutedExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H]."""
         t, k = topk_ids.shape
-        out = torch.zeros_like(hidden)
         local = self.global_to_local[topk_ids.reshape(-1)]  # [T*K]
         held = (local >= 0).nonzero().squeeze(1)
         if held.numel() == 0:
-            return out
+            return torch.zeros_like(hidden)
         local = local[held]
         order = torch.argsort(local, stable=True)
         pairs = held[order]  # flat (token, k) indices grouped by expert
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        self.token_counts.index_add_(0, topk_ids.reshape(-1)[held], torch.ones_like(held))
-        tokens = pairs // k
-        weights = topk_weights.reshape(-1)[pairs]
+        self.token_counts += torch.bincount(topk_ids.reshape(-1)[held], minlength=self.token_counts.shape[0])
+        x_sorted = hidden[pairs // k]  # [P, H], grouped by expert
+        y_sorted = torch.empty_like(x_sorted)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            tok = tokens[start:start + n]
-            x = hidden[tok]  # [n, H]
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
-            out.index_add_(0, tok, y * weights[start:start + n, None].to(y.dtype))
+            gate, up = F.linear(x_sorted[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I]
+            y_sorted[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
             start += n
-        return out
+        y_sorted *= topk_weights.reshape(-1)[pairs, None].to(y_sorted.dtype)
+        # Scatter back per (token, k) pair, then sum over k: one reduction instead of an
+        # index_add per expert.
+        per_pair = hidden.new_zeros(t * k, hidden.shape[1])
+        per_pair[pairs] = y_sorted
+        return per_pair.view(t, k, -1).sum(1)

@@ -8,16 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from cluster.engine import LLMEngine
 from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
 from cluster.sampling_params import SamplingParams
-from cluster.sequence import RequestOutput, TokenLogprobs
+from cluster.sequence import ImageRows, RequestOutput, TokenLogprobs
 from cluster.tokenizer import Tokenizer
-from cluster.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, merge_image_embeddings
+from cluster.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
 
 Prompt = str | Sequence[int] | dict[str, Any]
 _IDS_KEYS = {"prompt_token_ids", "images"}
@@ -88,9 +87,9 @@ class LLM:
             raise RequestError(f"{kind} prompts need a tokenizer; this model directory has none")
         return self.tokenizer
 
-    def _embed_images(self, encoded: list[tuple[list[int], list[ImageInput]]]) -> list[torch.Tensor | None]:
-        """inputs_embeds [P, H] of each prompt with images (None for the others); every image of
-        every prompt goes through one encoder call."""
+    def _embed_images(self, encoded: list[tuple[list[int], list[ImageInput]]]) -> list[ImageRows | None]:
+        """Image rows of each prompt with images (None for the others); every image of every
+        prompt goes through one encoder call."""
         with_images = [(ids, imgs) for ids, imgs in encoded if imgs]
         if not with_images:
             return [None] * len(encoded)
@@ -101,14 +100,13 @@ class LLM:
             self.vision.check(imgs)
         flat = self.vision.encode([im for _, imgs in with_images for im in imgs])
         img_end = self.tokenizer.img_end_id if self.tokenizer else None
-        out: list[torch.Tensor | None] = []
+        out: list[ImageRows | None] = []
         for ids, imgs in encoded:
             if not imgs:
                 out.append(None)
                 continue
             mine, flat = flat[:len(imgs)], flat[len(imgs):]
-            out.append(merge_image_embeddings(ids, mine, self.engine.model_config.image_token_id,
-                                              self.engine.model.embed_tokens, img_end))
+            out.append(image_rows(ids, mine, self.engine.model_config.image_token_id, img_end))
         return out
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -129,7 +127,7 @@ class LLM:
         embeds = self._embed_images(encoded)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for rid, (tokens, _), emb, p in zip(ids, encoded, embeds, params, strict=True):
-            self.engine.add_request(rid, tokens, p, inputs_embeds=emb)
+            self.engine.add_request(rid, tokens, p, images=emb)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req") as bar:
             while self.engine.has_unfinished():

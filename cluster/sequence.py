@@ -17,6 +17,14 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True)
+class ImageRows:
+    """A prompt's image embeddings and the prompt positions they replace (the [IMG] tokens)."""
+
+    positions: torch.Tensor  # [N] sorted prompt positions
+    embeds: torch.Tensor  # [N, H]
+
+
+@dataclass(frozen=True)
 class TokenLogprobs:
     token_id: int
     logprob: float
@@ -45,7 +53,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     arrival: int
-    inputs_embeds: torch.Tensor | None = None  # [P, H] prompt embeddings (images merged), or None
+    images: ImageRows | None = None
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None

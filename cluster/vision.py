@@ -14,6 +14,7 @@ from torch import nn
 
 from cluster.checkpoint import CheckpointReader
 from cluster.errors import CheckpointError, ConfigError, RequestError
+from cluster.sequence import ImageRows
 
 ImageInput = torch.Tensor | np.ndarray
 _PREFIXES = ("", "model.")  # legacy save layout, then the transformers v5 one
@@ -65,16 +66,16 @@ class ImageLimits:
 
 def as_image_tensor(index: int, image: ImageInput) -> torch.Tensor:
     """One preprocessed image as a float tensor [C, H, W]; InvalidImageError names it otherwise."""
-    if isinstance(image, np.ndarray):
-        if image.dtype.kind not in "fiu":
-            raise InvalidImageError(f"image {index} has dtype {image.dtype}; expected float pixels", index=index)
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f":
         image = torch.from_numpy(np.ascontiguousarray(image))
-    if not isinstance(image, torch.Tensor):
-        raise InvalidImageError(f"image {index} is a {type(image).__name__}; expected a [C, H, W] array or "
-                                "tensor preprocessed by mistral-common", index=index)
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        what = f"{type(image).__name__} of dtype {image.dtype}" if hasattr(image, "dtype") else type(image).__name__
+        # raw uint8 pixels would run unnormalized and give silently wrong embeddings
+        raise InvalidImageError(f"image {index} is a {what}; expected a float [C, H, W] array or tensor "
+                                "preprocessed (resized, normalized) by mistral-common", index=index)
     if image.dim() != 3:
         raise InvalidImageError(f"image {index} has shape {tuple(image.shape)}; expected [C, H, W]", index=index)
-    return image if image.is_floating_point() else image.float()
+    return image
 
 
 class VisionEncoder:
@@ -166,12 +167,11 @@ class VisionEncoder:
         return list(embeds.split([self.num_tokens(int(h), int(w)) for h, w in sizes]))
 
 
-def merge_image_embeddings(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
-                           image_token_id: int, embed_fn: Callable[[torch.Tensor], torch.Tensor],
-                           image_end_id: int | None = None) -> torch.Tensor:
-    """The prompt's inputs_embeds [P, H]: token embeddings, with the rows at [IMG] positions
-    replaced by the images' embedding rows in order. With `image_end_id`, each image's rows must
-    also fill exactly its own [IMG] run (up to its [IMG_END]), so swapped images are caught."""
+def image_rows(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
+               image_token_id: int, image_end_id: int | None = None) -> ImageRows:
+    """Where the images' embedding rows go in the prompt: the [IMG] positions, in order. With
+    `image_end_id`, each image's rows must also fill exactly its own [IMG] run (up to its
+    [IMG_END]), so swapped images are caught."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)  # [P]
     mask = ids == image_token_id  # [P]
     sizes = [int(e.shape[0]) for e in image_embeds]
@@ -191,8 +191,17 @@ def merge_image_embeddings(token_ids: Sequence[int] | torch.Tensor, image_embeds
             if got != want:
                 raise ImageTokenMismatchError(f"image {i} has {got} image tokens in the prompt but {want} "
                                               f"embedding rows", index=i)
+    embeds = torch.cat(list(image_embeds)) if sizes else torch.empty(0, 0)
+    return ImageRows(mask.nonzero().flatten(), embeds)
+
+
+def merge_image_embeddings(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
+                           image_token_id: int, embed_fn: Callable[[torch.Tensor], torch.Tensor],
+                           image_end_id: int | None = None) -> torch.Tensor:
+    """The prompt's full inputs_embeds [P, H] (token embeddings with image rows merged in)."""
+    rows = image_rows(token_ids, image_embeds, image_token_id, image_end_id)
     with torch.no_grad():
-        out = embed_fn(ids).clone()  # [P, H]
-        if sizes:
-            out[mask] = torch.cat(list(image_embeds)).to(out.dtype)
+        out = embed_fn(torch.as_tensor(token_ids, dtype=torch.long)).clone()  # [P, H]
+        if rows.positions.numel():
+            out[rows.positions] = rows.embeds.to(out.dtype)
     return out

@@ -60,7 +60,8 @@ def _assert_clean(llm: LLM) -> None:
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt):
-    engine_llm = LLM(tiny_ckpt, max_num_batched_tokens=64)
+    # A 20-token budget splits image prompts into prefill chunks that cut through [IMG] runs.
+    engine_llm = LLM(tiny_ckpt, max_num_batched_tokens=20)
     yield engine_llm
     engine_llm.engine.close()
 
@@ -204,6 +205,8 @@ def test_malformed_images_are_named(llm, encoder):
         encoder.encode([nan])
     with pytest.raises(InvalidImageError, match="image 0 is a str"):
         encoder.encode(["not an image"])
+    with pytest.raises(InvalidImageError, match="image 1 is a ndarray of dtype uint8"):
+        encoder.encode([chat.images[0], np.zeros((3, 32, 32), np.uint8)])
     with pytest.raises(RequestError, match="got keys"):
         llm.generate({"prompt_token_ids": [1, 2], "image": []}, GREEDY, use_tqdm=False)
     _assert_clean(llm)

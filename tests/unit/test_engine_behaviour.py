@@ -30,7 +30,7 @@ def test_one_forward_per_step_over_all_scheduled(llm: LLM) -> None:
     scheduled_counts: list[int] = []
 
     def counting_forward(input_ids, meta, *args, **kwargs):
-        calls.append(len(meta.spans))
+        calls.append(len(meta.spans) + (len(meta.decode.rows) if meta.decode is not None else 0))
         return forward(input_ids, meta, *args, **kwargs)
 
     def recording_schedule():
