@@ -14,7 +14,8 @@ import torch
 
 from cluster.checkpoint import CheckpointReader
 from cluster.errors import ConfigError
-from cluster.experts import RoutedExperts
+from cluster.expert_shard import ExpertShard, split_by_rank
+from cluster.placement import ExpertPlacement
 
 
 class Dispatcher(ABC):
@@ -32,15 +33,34 @@ class Dispatcher(ABC):
 
 
 class LocalDispatcher(Dispatcher):
-    def __init__(self, experts: dict[int, RoutedExperts]) -> None:
-        self.experts = experts
+    """In-process expert shards: with one shard it holds every expert; with several it splits
+    each layer's tokens by placement exactly as the distributed transports do and sums."""
+
+    def __init__(self, placement: ExpertPlacement, shards: list[ExpertShard]) -> None:
+        self.placement = placement
+        self.shards = shards
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.experts[layer](hidden, topk_ids, topk_weights)
+        if len(self.shards) == 1:
+            return self.shards[0].compute(layer, hidden, topk_ids, topk_weights)
+        out = torch.zeros_like(hidden)
+        for share in split_by_rank(self.placement, layer, topk_ids, topk_weights):
+            if share.rows.numel():
+                part = self.shards[share.rank].compute(layer, hidden[share.rows], share.topk_ids, share.topk_weights)
+                out.index_add_(0, share.rows, part)
+        return out
 
     def token_counts(self) -> dict[int, torch.Tensor]:
-        return {layer: e.token_counts.clone() for layer, e in self.experts.items()}
+        return sum_counts([s.token_counts() for s in self.shards])
+
+
+def sum_counts(per_shard: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    total: dict[int, torch.Tensor] = {}
+    for counts in per_shard:
+        for layer, c in counts.items():
+            total[layer] = total[layer] + c if layer in total else c.clone()
+    return total
 
 
 DispatcherFactory = Callable[..., Dispatcher]
@@ -57,15 +77,11 @@ def transport_factory(name: str) -> DispatcherFactory:
     return _REGISTRY[name]
 
 
-def load_local_dispatcher(reader: CheckpointReader) -> LocalDispatcher:
-    """All routed experts of every MoE layer, in this process."""
+def load_local_dispatcher(reader: CheckpointReader, num_shards: int = 1) -> LocalDispatcher:
+    """Every routed expert in this process, over `num_shards` contiguous in-process shards."""
     text = reader.config.text
-    all_ids = list(range(text.n_routed_experts))
-    experts = {}
-    for layer in text.moe_layers:
-        gate_up, down = reader.read_experts(layer, all_ids)
-        experts[layer] = RoutedExperts(text.n_routed_experts, all_ids, gate_up, down)
-    return LocalDispatcher(experts)
+    placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, num_shards)
+    return LocalDispatcher(placement, [ExpertShard(reader, placement, r) for r in range(num_shards)])
 
 
 register_transport("local", load_local_dispatcher)

@@ -36,14 +36,14 @@ class _Counters:
 
 class LLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
-                 dispatcher: Dispatcher | None = None, transport: str = "local") -> None:
+                 dispatcher: Dispatcher | None = None, transport: str = "local", num_expert_shards: int = 1) -> None:
         self.model_dir = Path(model_dir)
         self.config = config or EngineConfig()
         self.model_config = load_model_config(self.model_dir)
         self.text = self.model_config.text
         reader = CheckpointReader(self.model_dir, self.model_config)
         self.model = Mistral4TextModel.from_reader(reader)
-        self.dispatcher = dispatcher or transport_factory(transport)(reader)
+        self.dispatcher = dispatcher or transport_factory(transport)(reader, num_expert_shards)
         limits = resolve_limits(self.config, self.text, self.model.dtype)
         self.max_model_len = limits.max_model_len
         self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size)

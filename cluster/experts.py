@@ -29,7 +29,8 @@ class RoutedExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H]."""
         t, k = topk_ids.shape
-        local = self.global_to_local[topk_ids.reshape(-1)]  # [T*K]
+        flat = topk_ids.reshape(-1)  # [T*K]; -1 marks a slot another shard computes
+        local = torch.where(flat >= 0, self.global_to_local[flat.clamp(min=0)], -1)
         held = (local >= 0).nonzero().squeeze(1)
         if held.numel() == 0:
             return torch.zeros_like(hidden)
@@ -37,7 +38,7 @@ class RoutedExperts(nn.Module):
         order = torch.argsort(local, stable=True)
         pairs = held[order]  # flat (token, k) indices grouped by expert
         counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        self.token_counts += torch.bincount(topk_ids.reshape(-1)[held], minlength=self.token_counts.shape[0])
+        self.token_counts += torch.bincount(flat[held], minlength=self.token_counts.shape[0])
         x_sorted = hidden[pairs // k]  # [P, H], grouped by expert
         y_sorted = torch.empty_like(x_sorted)
         start = 0

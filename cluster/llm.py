@@ -6,17 +6,22 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from cluster.config import load_model_config
 from cluster.engine import LLMEngine
 from cluster.engine_config import EngineConfig
-from cluster.errors import RequestError
+from cluster.errors import ConfigError, RequestError
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import ImageRows, RequestOutput, TokenLogprobs
+from cluster.stop import StopChecker
 from cluster.tokenizer import Tokenizer
 from cluster.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
+
+if TYPE_CHECKING:
+    from cluster.expert_group import ExpertGroup
 
 Prompt = str | Sequence[int] | dict[str, Any]
 _IDS_KEYS = {"prompt_token_ids", "images"}
@@ -37,8 +42,11 @@ class CompletionOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, transport: str = "local",
+                 max_model_len: int | None = None, transport: str = "local", num_expert_shards: int = 0,
                  image_limits: ImageLimits | None = None) -> None:
+        """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
+        over in-process shards by placement). A distributed transport ("deepspeed") starts or joins
+        a Ray cluster and runs the router and `num_expert_shards` shards in their own actors."""
         if model is None:
             from cluster.embedded import embedded_checkpoint
 
@@ -46,8 +54,20 @@ class LLM:
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len)
-        self.engine = LLMEngine(model, config, transport=transport)
-        self.tokenizer = self.engine.stop.tokenizer
+        self.model_dir = Path(model)
+        self.model_config = load_model_config(self.model_dir)
+        self.engine: LLMEngine | None = None
+        self.group: ExpertGroup | None = None
+        if transport == "local":
+            self.engine = LLMEngine(model, config, num_expert_shards=max(num_expert_shards, 1))
+            self.tokenizer = self.engine.stop.tokenizer
+        else:
+            from cluster.expert_group import ExpertGroup, GroupSpec
+
+            if num_expert_shards < 1:
+                raise ConfigError(f"transport {transport!r} needs num_expert_shards >= 1")
+            self.group = ExpertGroup(GroupSpec(str(model), num_expert_shards, transport, config))
+            self.tokenizer = StopChecker.for_model_dir(self.model_dir, ()).tokenizer
         self._ids = itertools.count()
         self.image_limits = image_limits or ImageLimits()
         self._vision: VisionEncoder | None = None
@@ -56,7 +76,7 @@ class LLM:
     def vision(self) -> VisionEncoder:
         """The in-process vision encoder, built on first use."""
         if self._vision is None:
-            self._vision = VisionEncoder.from_model_dir(self.engine.model_dir)
+            self._vision = VisionEncoder.from_model_dir(self.model_dir)
         return self._vision
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -82,6 +102,18 @@ class LLM:
             return list(prompt["prompt_token_ids"]), list(images)
         return list(prompt), []
 
+    def _validate(self, tokens: list[int]) -> None:
+        if self.engine is not None:
+            self.engine.validate_prompt(tokens)
+        else:
+            self.group.validate(tokens)
+
+    def close(self) -> None:
+        """Stops the expert group's actors (a local engine holds nothing to release)."""
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+
     def _tokenizer(self, kind: str) -> Tokenizer:
         if self.tokenizer is None:
             raise RequestError(f"{kind} prompts need a tokenizer; this model directory has none")
@@ -93,8 +125,8 @@ class LLM:
         with_images = [(ids, imgs) for ids, imgs in encoded if imgs]
         if not with_images:
             return [None] * len(encoded)
-        if self.engine.model_config.vision is None:
-            raise InvalidImageError(f"{self.engine.model_dir} has no vision tower; this model takes no images")
+        if self.model_config.vision is None:
+            raise InvalidImageError(f"{self.model_dir} has no vision tower; this model takes no images")
         for _, imgs in with_images:
             self.image_limits.check(imgs)
             self.vision.check(imgs)
@@ -106,7 +138,7 @@ class LLM:
                 out.append(None)
                 continue
             mine, flat = flat[:len(imgs)], flat[len(imgs):]
-            out.append(image_rows(ids, mine, self.engine.model_config.image_token_id, img_end))
+            out.append(image_rows(ids, mine, self.model_config.image_token_id, img_end))
         return out
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -123,8 +155,11 @@ class LLM:
             raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]  # all validated before any is admitted
         for tokens, _ in encoded:
-            self.engine.validate_prompt(tokens)
+            self._validate(tokens)
         embeds = self._embed_images(encoded)
+        if self.group is not None:
+            outs = self.group.generate([(t, p, e) for (t, _), e, p in zip(encoded, embeds, params, strict=True)])
+            return [_completion(o) for o in outs]
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for rid, (tokens, _), emb, p in zip(ids, encoded, embeds, params, strict=True):
             self.engine.add_request(rid, tokens, p, images=emb)
