@@ -18,6 +18,11 @@ from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
 
 
+class ExchangeFailedError(RuntimeError):
+    """An expert exchange missed its deadline or lost a shard; the step can be re-run once the
+    group is re-formed (every write of a step goes to fixed cache slots, so a re-run is exact)."""
+
+
 class Dispatcher(ABC):
     @abstractmethod
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -27,6 +32,10 @@ class Dispatcher(ABC):
     def token_counts(self) -> dict[int, torch.Tensor]:
         """Routed (token, expert) pairs seen so far, per MoE layer: {layer: [E]}."""
         return {}
+
+    def recover(self) -> None:
+        """Re-forms the group after `ExchangeFailedError`; transports without peers cannot fail."""
+        raise NotImplementedError(f"{type(self).__name__} cannot recover from a failed exchange")
 
     def close(self) -> None:  # noqa: B027 - optional hook; the in-process dispatcher holds nothing
         """Release transport resources."""

@@ -4,7 +4,8 @@ sequence, sample, detect stops, report outputs."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from cluster.attention import AttentionMetadata, DecodeBatch, SeqSpan
 from cluster.checkpoint import CheckpointReader
 from cluster.config import load_model_config
-from cluster.dispatch import Dispatcher, transport_factory
+from cluster.dispatch import Dispatcher, ExchangeFailedError, transport_factory
 from cluster.engine_config import EngineConfig, resolve_limits
 from cluster.errors import DuplicateRequestError, InvalidTokenError, PromptTooLongError, RequestError
 from cluster.kv_cache import BlockManager, allocate_caches
@@ -24,6 +25,8 @@ from cluster.sequence import ImageRows, RequestOutput, Sequence, Status
 from cluster.stats import EngineStats
 from cluster.stop import StopChecker
 
+MAX_STEP_RETRIES = 3
+
 
 @dataclass
 class _Counters:
@@ -32,6 +35,7 @@ class _Counters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     aborts: int = 0
+    reforms: list[float] = field(default_factory=list)  # seconds each re-form took
 
 
 class LLMEngine:
@@ -117,8 +121,7 @@ class LLMEngine:
         if not scheduled:
             return []
         input_ids, meta, embeds, rows = self._prepare(scheduled)
-        logits = self.model(input_ids, meta, self.caches, self.dispatcher, rows, inputs_embeds=embeds)
-        self.counters.forward_calls += 1
+        logits = self._forward(input_ids, meta, embeds, rows)
         self.counters.steps += 1
         completing = [s for s in scheduled if s.completes]
         for s in scheduled:
@@ -138,6 +141,23 @@ class LLMEngine:
                 self.stop.forget(seq)
             outputs.append(self._output(seq))
         return outputs
+
+    def _forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, embeds: torch.Tensor | None,
+                 rows: torch.Tensor) -> torch.Tensor:
+        """One forward over the step; a lost expert exchange re-forms the group and re-runs it
+        (the step writes the same latents to the same cache slots, so the re-run is exact)."""
+        for attempt in range(MAX_STEP_RETRIES + 1):
+            try:
+                logits = self.model(input_ids, meta, self.caches, self.dispatcher, rows, inputs_embeds=embeds)
+                self.counters.forward_calls += 1
+                return logits
+            except ExchangeFailedError:
+                if attempt == MAX_STEP_RETRIES:
+                    raise
+                started = time.monotonic()
+                self.dispatcher.recover()
+                self.counters.reforms.append(time.monotonic() - started)
+        raise AssertionError("unreachable")
 
     def _prepare(self, scheduled: list[ScheduledSeq]
                  ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, torch.Tensor]:

@@ -1,12 +1,17 @@
-"""A router and its expert shards as Ray actors: shards on distinct nodes (one `expert_slot`
-custom resource per node, STRICT_SPREAD placement group), the router in its own actor, so the
-calling process never joins the process group."""
+"""Routers and their expert shards as Ray actors.
+
+Shards sit on distinct nodes (one `expert_slot` custom resource per node, STRICT_SPREAD
+placement group); routers run in their own actors, so the calling process never joins a
+process group. A `ShardRegistry` actor owns the shards and replaces a dead one in its bundle,
+loading the same experts; a router that loses an exchange asks it, re-forms, and re-runs its step.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +19,12 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import ConfigError
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import ImageRows, RequestOutput
+from cluster.shard_worker import ShardWorker, free_port
 
 log = logging.getLogger(__name__)
 EXPERT_SLOT = "expert_slot"
+TRANSPORTS = ("deepspeed", "ray")
+Request = tuple[list[int], SamplingParams, ImageRows | None]
 
 
 @dataclass(frozen=True)
@@ -25,114 +33,143 @@ class GroupSpec:
     num_shards: int
     transport: str
     engine: EngineConfig
+    num_routers: int = 1
+    exchange_deadline_s: float = 30.0
     torch_threads: int = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+class ShardRegistry:
+    """Ray actor: the current shard actor of every rank; replaces dead ones in their bundle."""
 
-
-class ShardWorker:
-    """Ray actor body of one expert shard (rank >= 1 in the group)."""
-
-    def __init__(self, spec: GroupSpec, rank: int) -> None:
-        import torch
-
-        from cluster.checkpoint import CheckpointReader
-        from cluster.config import load_model_config
-        from cluster.expert_shard import ExpertShard
-        from cluster.placement import ExpertPlacement
-
-        torch.set_num_threads(spec.torch_threads)
-        config = load_model_config(spec.model_dir)
-        self.text = config.text
-        self.placement = ExpertPlacement.contiguous(self.text.moe_layers, self.text.n_routed_experts, spec.num_shards)
-        self.rank, self.world = rank, spec.num_shards + 1
-        self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), self.placement, rank - 1)
-
-    def node_id(self) -> str:
+    def __init__(self, spec: GroupSpec, pg: Any) -> None:
+        self.spec, self.pg = spec, pg
+        self.generation = [0] * spec.num_shards
+        self.shards = [self._start(rank) for rank in range(spec.num_shards)]
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        ray.get([s.ready.remote() for s in self.shards])
 
-    def join(self, address: Any) -> None:
-        from cluster.transport_deepspeed import init_group
+    def _start(self, rank: int) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        init_group(address, self.rank)
+        cls = ray.remote(num_cpus=0.01, max_concurrency=8, max_restarts=0)(ShardWorker)
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+        return cls.options(scheduling_strategy=strategy).remote(self.spec, rank)
 
-    def serve(self) -> int:
-        from cluster.transport_deepspeed import run_shard
+    def current(self) -> tuple[list[Any], list[int]]:
+        return self.shards, self.generation
 
-        return run_shard(self.shard, self.rank, self.world, self.text.hidden_size, self.text.num_experts_per_tok)
+    def replace(self, rank: int, generation: int) -> tuple[list[Any], list[int]]:
+        """Replaces rank's shard unless another router already did (its generation moved on)."""
+        import ray
 
-    def held(self) -> dict[str, int]:
-        return self.shard.held()
-
-    def reads(self) -> list[str]:
-        return self.shard.reads
-
-    def token_counts(self) -> dict[int, Any]:
-        return self.shard.token_counts()
+        if self.generation[rank] == generation:
+            ray.kill(self.shards[rank], no_restart=True)
+            self.shards[rank] = self._start(rank)
+            ray.get(self.shards[rank].ready.remote())
+            self.generation[rank] += 1
+        return self.shards, self.generation
 
 
 class RouterWorker:
-    """Ray actor body of the router: the engine with a transport's dispatcher, no experts."""
+    """Ray actor body of a router: the engine with a transport's dispatcher and no experts."""
 
-    def __init__(self, spec: GroupSpec) -> None:
+    def __init__(self, spec: GroupSpec, registry: Any) -> None:
         import torch
 
         torch.set_num_threads(spec.torch_threads)
-        self.spec = spec
-        self.port = _free_port()
+        self.spec, self.registry = spec, registry
         self.engine: Any = None
+        self.reform_seconds: list[float] = []
+        self._lock = threading.Lock()
 
-    def address(self) -> tuple[str, int]:
+    def start(self) -> None:
         import ray
 
-        return ray.util.get_node_ip_address(), self.port
-
-    def join(self, address: Any) -> None:
         from cluster.config import load_model_config
         from cluster.engine import LLMEngine
         from cluster.placement import ExpertPlacement
-        from cluster.transport_deepspeed import DeepSpeedDispatcher, init_group
 
-        init_group(address, 0)
         text = load_model_config(self.spec.model_dir).text
         placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, self.spec.num_shards)
-        dispatcher = DeepSpeedDispatcher(placement, text.hidden_size, text.num_experts_per_tok)
+        shards, self.generation = ray.get(self.registry.current.remote())
+        if self.spec.transport == "ray":
+            from cluster.transport_ray import RayDispatcher
+
+            dispatcher: Any = RayDispatcher(placement, shards, self.spec.exchange_deadline_s)
+        else:
+            from cluster.transport_deepspeed import DeepSpeedDispatcher
+
+            dispatcher = DeepSpeedDispatcher(placement, text.hidden_size, text.num_experts_per_tok,
+                                             self.spec.exchange_deadline_s)
+            self._form(dispatcher, shards)
+        dispatcher.on_failure = self._reform
         self.engine = LLMEngine(self.spec.model_dir, self.spec.engine, dispatcher=dispatcher)
 
-    def generate(self, requests: list[tuple[list[int], SamplingParams, ImageRows | None]]) -> list[RequestOutput]:
+    def _form(self, dispatcher: Any, shards: list[Any]) -> None:
+        """(Re-)forms the DeepSpeed process group: rank 0 here, rank r + 1 on shard r."""
+        import ray
+
+        from cluster.transport_deepspeed import GroupAddress
+
+        address = GroupAddress(ray.util.get_node_ip_address(), free_port(), self.spec.num_shards + 1)
+        joins = [s.join_deepspeed.remote(address, self.spec.exchange_deadline_s) for s in shards]
+        dispatcher.join(address)
+        ray.get(joins)
+
+    def _reform(self, dispatcher: Any) -> None:
+        import ray
+
+        started = time.monotonic()
+        shards, generation = ray.get(self.registry.current.remote())
+        for rank, shard in enumerate(shards):
+            try:
+                ray.get(shard.ping.remote(), timeout=5)
+            except (ray.exceptions.RayError, TimeoutError):
+                log.warning("expert shard %d is gone; replacing it", rank)
+                shards, generation = ray.get(self.registry.replace.remote(rank, generation[rank]))
+        if self.spec.transport == "ray":
+            dispatcher.replace_shards(shards)
+        else:
+            dispatcher.leave()
+            self._form(dispatcher, shards)
+        self.reform_seconds.append(time.monotonic() - started)
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
         ids = []
-        for i, (tokens, params, images) in enumerate(requests):
-            rid = f"r{id(requests)}-{i}"
-            self.engine.add_request(rid, tokens, params, images)
-            ids.append(rid)
+        with self._lock:
+            for i, (tokens, params, images) in enumerate(requests):
+                rid = f"r{time.monotonic_ns()}-{i}"
+                self.engine.add_request(rid, tokens, params, images)
+                ids.append(rid)
         done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        while len(done) < len(ids):
+            with self._lock:
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
         return [done[r] for r in ids]
 
     def validate(self, tokens: list[int]) -> None:
         self.engine.validate_prompt(tokens)
 
+    def stats(self) -> Any:
+        return self.engine.stats()
+
+    def reforms(self) -> list[float]:
+        return list(self.reform_seconds)
+
     def held(self) -> dict[str, int]:
         return {n: p.numel() for n, p in self.engine.model.named_parameters()}
-
-    def reads(self) -> list[str]:
-        return []
 
     def pairs_sent(self) -> dict[int, int]:
         return dict(self.engine.dispatcher.pairs_sent)
 
     def check_integrity(self) -> tuple[int, int]:
-        self.engine.check_integrity()
-        return self.engine.blocks.num_free, self.engine.blocks.num_blocks
+        with self._lock:
+            self.engine.check_integrity()
+            return self.engine.blocks.num_free, self.engine.blocks.num_blocks
 
     def node_id(self) -> str:
         import ray
@@ -140,19 +177,22 @@ class RouterWorker:
         return ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
-        self.engine.close()
+        with self._lock:
+            self.engine.close()
 
 
 class ExpertGroup:
-    """Starts (or joins) a Ray cluster and places one router and its shards."""
+    """Starts (or joins) a Ray cluster and places the routers and shards."""
 
     def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if spec.transport != "deepspeed":
-            raise ConfigError(f"transport {spec.transport!r} does not run on Ray actors; use 'deepspeed'")
+        if spec.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {spec.transport!r} for an expert group; known: {TRANSPORTS}")
+        if spec.transport == "deepspeed" and spec.num_routers != 1:
+            raise ConfigError("the deepspeed transport pairs one router with its shards (num_routers=1); "
+                              "use transport='ray' for routers sharing shards")
         if not ray.is_initialized():
             # Joins the cluster named by RAY_ADDRESS, or starts a local one.
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
@@ -168,23 +208,29 @@ class ExpertGroup:
         self.pg = placement_group([bundle] * spec.num_shards, strategy="STRICT_SPREAD" if distinct else "PACK")
         ray.get(self.pg.ready(), timeout=120)
         self.spec = spec
-        self.router = ray.remote(num_cpus=0.01)(RouterWorker).remote(spec)
-        shard_cls = ray.remote(num_cpus=0.01, max_concurrency=2)(ShardWorker)
-        self.shards = [
-            shard_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=i)).remote(spec, i + 1)
-            for i in range(spec.num_shards)]
-        from cluster.transport_deepspeed import GroupAddress
+        self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(spec, self.pg)
+        router_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(RouterWorker)
+        self.routers = [router_cls.remote(spec, self.registry) for _ in range(spec.num_routers)]
+        ray.get([r.start.remote() for r in self.routers])
+        self.router = self.routers[0]
 
-        host, port = ray.get(self.router.address.remote())
-        address = GroupAddress(host, port, spec.num_shards + 1)
-        ray.get([self.router.join.remote(address)] + [s.join.remote(address) for s in self.shards])
-        self._loops = [s.serve.remote() for s in self.shards]
-
-    def generate(self, requests: list[tuple[list[int], SamplingParams, ImageRows | None]]) -> list[RequestOutput]:
+    @property
+    def shards(self) -> list[Any]:
         import ray
 
-        return ray.get(self.router.generate.remote(requests))
+        return ray.get(self.registry.current.remote())[0]
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        """Requests spread round-robin over the routers, which run concurrently."""
+        import ray
+
+        n = len(self.routers)
+        refs = [r.generate.remote(requests[i::n]) for i, r in enumerate(self.routers)]
+        parts = ray.get(refs)
+        out: list[RequestOutput] = [None] * len(requests)  # type: ignore[list-item]
+        for i, part in enumerate(parts):
+            out[i::n] = part
+        return out
 
     def validate(self, tokens: list[int]) -> None:
         import ray
@@ -196,9 +242,10 @@ class ExpertGroup:
         from ray.util.placement_group import remove_placement_group
 
         try:
-            ray.get(self.router.close.remote(), timeout=60)
-            ray.get(self._loops, timeout=60)
+            ray.get([r.close.remote() for r in self.routers], timeout=60)
+        except ray.exceptions.RayError as exc:
+            log.warning("closing routers: %s", exc)
         finally:
-            for actor in [self.router, *self.shards]:
+            for actor in [*self.routers, *self.shards, self.registry]:
                 ray.kill(actor)
             remove_placement_group(self.pg)

@@ -12,16 +12,20 @@ A member with no rows still joins every collective (with zero-row splits).
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from cluster.dispatch import Dispatcher
+from cluster.dispatch import Dispatcher, ExchangeFailedError
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
 
 STOP = -1
+NOOP = -2  # keeps idle shards inside the collective's deadline
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,16 @@ def init_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> No
                            f"expected {rank}/{address.world_size}")
 
 
+def leave_group() -> None:
+    """Drops this process's process group (after a failure, before re-forming)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        import deepspeed.comm as dist
+
+        dist.destroy_process_group()
+
+
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
     import deepspeed.comm as dist
 
@@ -55,19 +69,62 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
 class DeepSpeedDispatcher(Dispatcher):
     """The router's side (rank 0). Holds no expert weights."""
 
-    def __init__(self, placement: ExpertPlacement, hidden_size: int, top_k: int) -> None:
+    def __init__(self, placement: ExpertPlacement, hidden_size: int, top_k: int, deadline_s: float = 30.0) -> None:
         self.placement = placement
         self.world = placement.num_ranks + 1
         self.hidden_size, self.top_k = hidden_size, top_k
+        self.deadline_s = deadline_s
         self.pairs_sent: dict[int, int] = {}
+        self.on_failure: Callable[[DeepSpeedDispatcher], None] | None = None
         self._closed = False
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._heartbeat = threading.Thread(target=self._beat, name="exchange-heartbeat", daemon=True)
+
+    def join(self, address: GroupAddress) -> None:
+        init_group(address, 0, self.deadline_s)
+        self._last = time.monotonic()
+        if not self._heartbeat.is_alive():
+            self._heartbeat.start()
+
+    def leave(self) -> None:
+        leave_group()
+
+    def recover(self) -> None:
+        if self.on_failure is None:
+            raise ExchangeFailedError("no way to re-form this group (no on_failure handler)")
+        with self._lock:
+            self.on_failure(self)
+
+    def _beat(self) -> None:
+        while not self._closed:
+            time.sleep(self.deadline_s / 4)
+            with self._lock:
+                if self._closed or time.monotonic() - self._last < self.deadline_s / 3:
+                    continue
+                try:
+                    self._header(NOOP, [0] * self.world)
+                except Exception:  # noqa: BLE001 - the next exchange fails too and re-forms the group
+                    pass
+
+    def _header(self, layer: int, counts: list[int]) -> None:
+        header = torch.tensor([[layer, n] for n in counts], dtype=torch.long).flatten()  # [world * 2]
+        _all_to_all(torch.empty_like(header), header, [2] * self.world, [2] * self.world)
+        self._last = time.monotonic()
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            try:
+                return self._exchange(layer, hidden, topk_ids, topk_weights)
+            except RuntimeError as exc:  # gloo / NCCL: a peer died or the deadline passed
+                raise ExchangeFailedError(f"layer {layer}: deepspeed exchange failed: {exc}") from exc
+
+    def _exchange(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
         shares = split_by_rank(self.placement, layer, topk_ids, topk_weights)
         counts = [0] + [int(s.rows.numel()) for s in shares]  # rows per destination rank
-        header = torch.tensor([[layer, n] for n in counts], dtype=torch.long).flatten()  # [world * 2]
-        _all_to_all(torch.empty_like(header), header, [2] * self.world, [2] * self.world)
+        self._header(layer, counts)
         width = self.hidden_size + 2 * self.top_k
         packed = torch.cat([_pack(hidden[s.rows], s.topk_ids, s.topk_weights) for s in shares]) \
             if sum(counts) else torch.empty(0, width)
@@ -82,11 +139,14 @@ class DeepSpeedDispatcher(Dispatcher):
 
     def close(self) -> None:
         """Tells every shard to leave its loop."""
-        if self._closed:
-            return
-        self._closed = True
-        header = torch.tensor([[STOP, 0]] * self.world, dtype=torch.long).flatten()
-        _all_to_all(torch.empty_like(header), header, [2] * self.world, [2] * self.world)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._header(STOP, [0] * self.world)
+            finally:
+                leave_group()
 
 
 def _pack(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -103,7 +163,10 @@ def run_shard(shard: ExpertShard, rank: int, world: int, hidden_size: int, top_k
         _all_to_all(header, torch.zeros(world * 2, dtype=torch.long), [2] * world, [2] * world)
         layer, n = int(header[0]), int(header[1])  # what rank 0 sent this rank
         if layer == STOP:
+            leave_group()
             return served
+        if layer == NOOP:
+            continue
         recv_splits = [n] + [0] * (world - 1)
         packed = torch.empty(n, width)
         _all_to_all(packed, torch.empty(0, width), recv_splits, [0] * world)

@@ -141,3 +141,31 @@ def test_scripted_checkpoint_emits_its_script(make_ckpt) -> None:
         assert out.finish_reason == "stop"
     llm.engine.check_integrity()
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_coalescer_merges_concurrent_calls_for_a_layer(tiny_ckpt: Path) -> None:
+    import threading
+
+    from cluster.expert_shard import ExpertShard
+    from cluster.placement import ExpertPlacement
+    from cluster.transport_ray import Coalescer
+
+    reader = CheckpointReader(tiny_ckpt)
+    text = reader.config.text
+    placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, 1)
+    shard = ExpertShard(reader, placement, 0)
+    coalescer = Coalescer(shard, window_s=0.3)
+    layer = text.moe_layers[0]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(n, text.hidden_size, generator=gen), torch.randint(0, 16, (n, 4), generator=gen),
+               torch.rand(n, 4, generator=gen)) for n in (3, 5)]
+    results: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: coalescer.compute(layer, *inputs[i])}))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (coalescer.calls, coalescer.batches) == (2, 1)
+    for i, (h, ids, w) in enumerate(inputs):
+        torch.testing.assert_close(results[i], shard.compute(layer, h, ids, w))
