@@ -43,7 +43,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, transport: str = "local", num_expert_shards: int = 0,
-                 num_routers: int = 1, exchange_deadline_s: float = 30.0, image_limits: ImageLimits | None = None) -> None:
+                 num_routers: int = 1, exchange_deadline_s: float = 30.0,
+                 image_limits: ImageLimits | None = None) -> None:
         """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
         over in-process shards by placement). A distributed transport ("deepspeed") starts or joins
         a Ray cluster and runs the router and `num_expert_shards` shards in their own actors."""
