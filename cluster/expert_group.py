@@ -154,6 +154,26 @@ class RouterWorker:
     def validate(self, tokens: list[int]) -> None:
         self.engine.validate_prompt(tokens)
 
+    def time_exchange(self, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
+        """Seconds per round trip of one MoE layer's exchange (dispatch + combine) of
+        `num_tokens` random tokens through this router's transport."""
+        import torch
+
+        text = self.engine.text
+        gen = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(num_tokens, text.hidden_size, generator=gen, dtype=self.engine.model.dtype)
+        ids = torch.stack([torch.randperm(text.n_routed_experts, generator=gen)[:text.num_experts_per_tok]
+                           for _ in range(num_tokens)])
+        weights = torch.rand(num_tokens, text.num_experts_per_tok, generator=gen)
+        layer = text.moe_layers[0]
+        times = []
+        with self._lock:
+            for _ in range(repeats + 2):
+                start = time.perf_counter()
+                self.engine.dispatcher.dispatch(layer, hidden, ids, weights)
+                times.append(time.perf_counter() - start)
+        return times[2:]  # the first two warm the path up
+
     def stats(self) -> Any:
         return self.engine.stats()
 
