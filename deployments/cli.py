@@ -1,4 +1,4 @@
-"""`moe-cluster`: make checkpoints, generate offline (and, later, serve)."""
+"""`moe-cluster`: make checkpoints, generate offline, serve."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--token-ids", action="store_true", help="also print the generated token ids")
+
+    from deployments import serve_command
+
+    serve_command.add_parser(sub)
     return p
 
 
@@ -72,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.token_ids:
                 print(f"token ids: {list(out.token_ids)} (finish: {out.finish_reason})")
             return 0
+        if args.command == "serve":
+            from deployments import serve_command
+
+            return serve_command.run(args)
     except ClusterError as exc:
         print(f"moe-cluster: error: {exc}", file=sys.stderr)
         return 2

@@ -12,5 +12,11 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first: a range alone would pull a multi-gigabyte CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
+# promtool and prometheus (ops/prometheus tests) from Debian's package, once per machine.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 ruff check .
 exec python -m pytest "$@"

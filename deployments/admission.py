@@ -1,0 +1,34 @@
+"""Early refusal under overload: a count of generation requests in flight in this ingress replica,
+checked before any work is queued, so a client past the limit hears 429 / RESOURCE_EXHAUSTED at
+once instead of waiting in a queue."""
+
+from __future__ import annotations
+
+from deployments.api_errors import Overloaded
+
+
+class Admission:
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    def enter(self) -> Ticket:
+        """Admits one request or raises Overloaded; the caller must release the ticket exactly once
+        (it is idempotent, so finally-blocks on several paths may all call it)."""
+        # Single-threaded event loop: no await between the check and the increment.
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"too many requests in flight ({self.limit}); retry later",
+                             retry_after_s=self.retry_after_s)
+        self.in_flight += 1
+        return Ticket(self)
+
+
+class Ticket:
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None

@@ -1,0 +1,454 @@
+"""Autoscaling on what the cluster measures.
+
+- Ingress: Serve's default policy on ongoing requests (`target_ongoing_requests`).
+- Routers: `RouterAutoscalingPolicy`, a deployment-level Ray Serve policy fed by the replicas' own
+  stats (`Router.record_autoscaling_stats()` returns `router_autoscaling_stats(engine.stats())`):
+  scale up when the mean KV use or the mean waiting queue is over its target, down when both are
+  well under, hold in between.
+- Expert groups: under the DeepSpeed transport a group (one router + N expert shards) steps in
+  lockstep, so it is the unit that scales. `ExpertGroupAutoscalingPolicy` is an application-level
+  policy: it sizes the router and shard deployments together in whole groups, on the routers' KV
+  and queue signals and on expert load or exchange latency, and leaves every other deployment
+  (the ingress) to Serve's default policy. `ExpertShardAutoscalingPolicy` is the deployment-level
+  variant for shards shared by many routers (the Ray transport): whole gangs of N shards.
+
+Every bound and target is configuration: `AutoscalingSettings` (pydantic, at the edge) renders
+the `autoscaling_config` dicts and the application-level `autoscaling_policy` dict that Serve
+takes, with the targets as `policy_kwargs`. Serve instantiates a class policy once with those
+kwargs and then calls it with an `AutoscalingContext` every control-loop tick; around it Serve
+applies `upscale_delay_s` / `downscale_delay_s`, the scaling factors and min/max replicas.
+
+This module runs in the Serve controller (Serve pickles it by value): it must not import torch or
+the `cluster` package at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+if TYPE_CHECKING:
+    from cluster.stats import EngineStats
+
+logger = logging.getLogger("ray.serve")
+
+# Keys of the stats that replicas report through `record_autoscaling_stats()`.
+KV_USAGE_KEY = "kv_usage"  # router: KV blocks used / total, 0..1
+WAITING_KEY = "num_waiting"  # router: sequences waiting for admission
+RUNNING_KEY = "num_running"  # router: sequences in the running batch
+EXPERT_LOAD_KEY = "expert_load"  # shard (or router): routed (token, expert) assignments per second per shard
+EXCHANGE_LATENCY_KEY = "exchange_latency_s"  # router: mean seconds of one MoE layer's exchange
+
+POLICY_MODULE = __name__
+
+
+def router_autoscaling_stats(stats: EngineStats) -> dict[str, float]:
+    """What `Router.record_autoscaling_stats()` returns, from the engine's snapshot."""
+    return {KV_USAGE_KEY: float(stats.kv_usage), WAITING_KEY: float(stats.num_waiting),
+            RUNNING_KEY: float(stats.num_running)}
+
+
+class ExpertLoadMeter:
+    """Turns cumulative routed-token counts into the `expert_load` rate a shard (or router) reports:
+    `meter.update(total_assignments, now)` -> assignments per second per shard since the last call."""
+
+    def __init__(self, num_shards: int = 1) -> None:
+        self.num_shards = max(1, num_shards)
+        self._last: tuple[float, float] | None = None
+        self.rate = 0.0
+
+    def update(self, total: float, now: float) -> float:
+        if self._last is not None and now > self._last[1] and total >= self._last[0]:
+            self.rate = (total - self._last[0]) / (now - self._last[1]) / self.num_shards
+        self._last = (total, now)
+        return self.rate
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision rules (pure functions of the signals)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Signal:
+    """One scaling signal: the mean over reporting replicas, its target, and its low watermark
+    (scale down only when every signal is at or under its low watermark)."""
+
+    name: str
+    value: float
+    target: float
+    low: float
+
+    @property
+    def over(self) -> bool:
+        return self.value > self.target
+
+    @property
+    def well_under(self) -> bool:
+        return self.value <= self.low
+
+    def units_for(self, units: int) -> float:
+        """Units needed to bring the mean to the target, assuming the load spreads evenly."""
+        return units * self.value / self.target if self.target > 0 else float(units)
+
+
+def decide_units(signals: list[Signal], current: int, target: int, lower: int, upper: int,
+                 max_step_down: int = 1) -> tuple[int, int, str]:
+    """(bounded decision, unbounded wish, why) in scaling units (replicas, or whole groups).
+
+    `current`: units running; `target`: units Serve is heading to (running + starting).
+    Up: to the units that bring every over-target signal to its target, at least one more than
+    running, never below the target already set. Down (every signal well under): to the units the
+    signals need, at most `max_step_down` fewer, never above the target. Else: hold at target.
+    Without signals (no replica reported yet) it holds."""
+    if current <= 0 or not signals:
+        wish = target
+        why = "hold: no replica reported yet" if current > 0 else "hold: no running replica"
+    elif any(s.over for s in signals):
+        need = max(math.ceil(s.units_for(current) - 1e-9) for s in signals if s.over)
+        wish = max(need, current + 1, target)
+        why = "up: " + ", ".join(f"{s.name} {s.value:.3g} > {s.target:g}" for s in signals if s.over)
+    elif all(s.well_under for s in signals):
+        need = max([math.ceil(s.units_for(current) - 1e-9) for s in signals] + [1])
+        wish = min(max(need, current - max(1, max_step_down)), target)
+        why = "down: " + ", ".join(f"{s.name} {s.value:.3g} <= {s.low:g}" for s in signals)
+    else:
+        wish = target
+        why = "hold: within the band"
+    return max(lower, min(upper, wish)), wish, why
+
+
+def _mean(per_replica: Mapping[Any, float] | None) -> float | None:
+    values = [float(v) for v in (per_replica or {}).values() if v is not None and math.isfinite(float(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _metrics(ctx: Any) -> dict[str, dict[Any, float]]:
+    try:
+        return dict(ctx.aggregated_metrics or {})
+    except Exception:  # a stats callback that failed on the controller side
+        logger.exception("autoscaling: reading the replicas' stats failed")
+        return {}
+
+
+def _bounds(ctx: Any, min_units: int | None, max_units: int | None, per_unit: int = 1) -> tuple[int, int]:
+    """Bounds in units: the tighter of the deployment's (capacity-adjusted) min/max replicas and
+    the policy's own."""
+    lower = math.ceil(ctx.capacity_adjusted_min_replicas / per_unit)
+    upper = ctx.capacity_adjusted_max_replicas // per_unit
+    if min_units is not None:
+        lower = max(lower, min_units)
+    if max_units is not None:
+        upper = min(upper, max_units)
+    return lower, max(lower, upper)
+
+
+def expert_signals(metric_sources: Any, target_expert_load: float | None,
+                   target_exchange_latency_s: float | None, low_ratio: float) -> list[Signal]:
+    """Expert load and exchange latency, each averaged over every replica that reports it."""
+    out = []
+    for key, target in ((EXPERT_LOAD_KEY, target_expert_load), (EXCHANGE_LATENCY_KEY, target_exchange_latency_s)):
+        if target is None:
+            continue
+        values: dict[Any, float] = {}
+        for source in metric_sources:
+            values.update(source.get(key) or {})
+        mean = _mean(values)
+        if mean is not None:
+            out.append(Signal(key, mean, target, target * low_ratio))
+    return out
+
+
+class _Recorder:
+    """Exports decisions as `ray_moe_cluster_autoscaling_*` (best effort: a policy never fails on
+    metrics)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._metrics: Any = None
+
+    def __call__(self, ctx: Any, wanted: float, upper: float, signals: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        try:
+            if self._metrics is None:
+                from deployments.metrics import AutoscalingMetrics, MetricSet
+
+                self._metrics = AutoscalingMetrics(MetricSet())
+            self._metrics.record(ctx.app_name or "", ctx.deployment_name, wanted, upper, signals)
+        except Exception:
+            logger.warning("autoscaling: recording metrics failed; not recording any more", exc_info=True)
+            self.enabled = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies (Serve instantiates them with policy_kwargs)
+# ---------------------------------------------------------------------------------------------
+
+class RouterAutoscalingPolicy:
+    """Deployment-level policy for routers on replica-reported KV use and waiting queue.
+
+    policy_kwargs: target_kv_usage (mean KV used/total to scale up above), target_waiting (mean
+    waiting sequences per replica to scale up above), kv_usage_low / waiting_low (scale down only
+    when both are at or under; default half the targets), min_replicas / max_replicas (optional,
+    tighter than the deployment's), max_step_down (replicas removed per decision), record_metrics.
+    """
+
+    def __init__(self, target_kv_usage: float = 0.75, target_waiting: float = 2.0,
+                 kv_usage_low: float | None = None, waiting_low: float | None = None,
+                 min_replicas: int | None = None, max_replicas: int | None = None,
+                 max_step_down: int = 1, record_metrics: bool = True) -> None:
+        if not 0 < target_kv_usage <= 1:
+            raise ValueError(f"target_kv_usage must be in (0, 1], got {target_kv_usage}")
+        if target_waiting <= 0:
+            raise ValueError(f"target_waiting must be > 0, got {target_waiting}")
+        self.target_kv_usage = target_kv_usage
+        self.target_waiting = target_waiting
+        self.kv_usage_low = target_kv_usage / 2 if kv_usage_low is None else kv_usage_low
+        self.waiting_low = target_waiting / 2 if waiting_low is None else waiting_low
+        if not (self.kv_usage_low < target_kv_usage and self.waiting_low < target_waiting):
+            raise ValueError("the low watermarks must be under the targets")
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.max_step_down = max_step_down
+        self._record = _Recorder(record_metrics)
+
+    def signals(self, ctx: Any) -> list[Signal]:
+        metrics = _metrics(ctx)
+        kv, waiting = _mean(metrics.get(KV_USAGE_KEY)), _mean(metrics.get(WAITING_KEY))
+        out = []
+        if kv is not None:
+            out.append(Signal(KV_USAGE_KEY, kv, self.target_kv_usage, self.kv_usage_low))
+        if waiting is not None:
+            out.append(Signal(WAITING_KEY, waiting, self.target_waiting, self.waiting_low))
+        return out
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        signals = self.signals(ctx)
+        lower, upper = _bounds(ctx, self.min_replicas, self.max_replicas)
+        decision, wish, why = decide_units(signals, ctx.current_num_replicas, ctx.target_num_replicas,
+                                           lower, upper, self.max_step_down)
+        self._record(ctx, wish, upper, {s.name: s.value for s in signals})
+        state = dict(ctx.policy_state or {})
+        state.update(router_decision=decision, router_why=why)
+        return decision, state
+
+
+class ExpertShardAutoscalingPolicy:
+    """Deployment-level policy for an expert-shard deployment shared by many routers (Ray
+    transport), in whole gangs of `shards_per_group`: scale up when the mean expert load per shard
+    or the mean exchange latency is over its target, down when both are well under."""
+
+    def __init__(self, shards_per_group: int = 1, target_expert_load: float | None = None,
+                 target_exchange_latency_s: float | None = None, low_ratio: float = 0.5,
+                 min_groups: int | None = None, max_groups: int | None = None, max_step_down: int = 1,
+                 record_metrics: bool = True) -> None:
+        if shards_per_group < 1:
+            raise ValueError("shards_per_group must be >= 1")
+        if target_expert_load is None and target_exchange_latency_s is None:
+            raise ValueError("set target_expert_load, target_exchange_latency_s or both")
+        if not 0 < low_ratio < 1:
+            raise ValueError("low_ratio must be in (0, 1)")
+        self.shards_per_group = shards_per_group
+        self.target_expert_load = target_expert_load
+        self.target_exchange_latency_s = target_exchange_latency_s
+        self.low_ratio = low_ratio
+        self.min_groups, self.max_groups = min_groups, max_groups
+        self.max_step_down = max_step_down
+        self._record = _Recorder(record_metrics)
+
+    def expert_signals(self, *metric_sources: Mapping[str, Mapping[Any, float]]) -> list[Signal]:
+        return expert_signals(metric_sources, self.target_expert_load, self.target_exchange_latency_s,
+                              self.low_ratio)
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        n = self.shards_per_group
+        signals = self.expert_signals(_metrics(ctx))
+        lower, upper = _bounds(ctx, self.min_groups, self.max_groups, n)
+        groups, wish, why = decide_units(signals, ctx.current_num_replicas // n,
+                                         math.ceil(ctx.target_num_replicas / n), lower, upper, self.max_step_down)
+        self._record(ctx, wish * n, upper * n, {s.name: s.value for s in signals})
+        state = dict(ctx.policy_state or {})
+        state.update(shard_groups=groups, shard_why=why)
+        return groups * n, state
+
+
+class ExpertGroupAutoscalingPolicy:
+    """Application-level policy: routers and expert shards scale together in whole groups (one
+    router + `shards_per_group` shards), to the most groups any signal needs: the routers' KV use
+    and waiting queue, the expert load per shard, the exchange latency. Other deployments (the
+    ingress) get Serve's default policy on ongoing requests.
+
+    policy_kwargs: router_deployment, shard_deployment (names), shards_per_group, min_groups,
+    max_groups, the router targets (as RouterAutoscalingPolicy) and the expert targets (as
+    ExpertShardAutoscalingPolicy). Keep the router and shard deployments' upscaling/downscaling
+    factors at 1 and their delays equal, so that Serve moves both in the same tick.
+    """
+
+    def __init__(self, router_deployment: str = "Router", shard_deployment: str = "ExpertShard",
+                 shards_per_group: int = 1, min_groups: int | None = None, max_groups: int | None = None,
+                 target_kv_usage: float = 0.75, target_waiting: float = 2.0, kv_usage_low: float | None = None,
+                 waiting_low: float | None = None, target_expert_load: float | None = None,
+                 target_exchange_latency_s: float | None = None, low_ratio: float = 0.5, max_step_down: int = 1,
+                 record_metrics: bool = True) -> None:
+        self.router_deployment, self.shard_deployment = router_deployment, shard_deployment
+        self.shards_per_group = shards_per_group
+        self.min_groups, self.max_groups = min_groups, max_groups
+        self.max_step_down = max_step_down
+        self.router = RouterAutoscalingPolicy(target_kv_usage, target_waiting, kv_usage_low, waiting_low,
+                                              record_metrics=False)
+        if shards_per_group < 1:
+            raise ValueError("shards_per_group must be >= 1")
+        self.target_expert_load = target_expert_load
+        self.target_exchange_latency_s = target_exchange_latency_s
+        self.low_ratio = low_ratio
+        self._record = _Recorder(record_metrics)
+
+    def __call__(self, contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
+        from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
+
+        n = self.shards_per_group
+        router = shard = None
+        decisions: dict[Any, int] = {}
+        states: dict[Any, dict[str, Any]] = {}
+        for dep_id, ctx in contexts.items():
+            if ctx.deployment_name == self.router_deployment:
+                router = (dep_id, ctx)
+            elif ctx.deployment_name == self.shard_deployment:
+                shard = (dep_id, ctx)
+            else:
+                num, state = replica_queue_length_autoscaling_policy(ctx)
+                decisions[dep_id], states[dep_id] = num, dict(state or {})
+        if router is None:
+            return decisions, states
+        (rid, rctx) = router
+        shard_metrics = _metrics(shard[1]) if shard else {}
+        signals = self.router.signals(rctx) + expert_signals(
+            (_metrics(rctx), shard_metrics), self.target_expert_load, self.target_exchange_latency_s, self.low_ratio)
+        # Groups running: complete units only (whichever side has fewer); groups wanted: the larger.
+        current, target = rctx.current_num_replicas, rctx.target_num_replicas
+        lower, upper = _bounds(rctx, self.min_groups, self.max_groups)
+        if shard:
+            current = min(current, shard[1].current_num_replicas // n)
+            target = max(target, math.ceil(shard[1].target_num_replicas / n))
+            shard_lower, shard_upper = _bounds(shard[1], None, None, n)
+            lower, upper = max(lower, shard_lower), min(upper, shard_upper)
+            upper = max(lower, upper)
+        groups, wish, why = decide_units(signals, current, target, lower, upper, self.max_step_down)
+        values = {s.name: s.value for s in signals}
+        decisions[rid] = groups
+        states[rid] = {**(rctx.policy_state or {}), "groups": groups, "why": why}
+        self._record(rctx, wish, upper, values)
+        if shard:
+            sid, sctx = shard
+            decisions[sid] = groups * n
+            states[sid] = {**(sctx.policy_state or {}), "groups": groups, "why": why}
+            self._record(sctx, wish * n, upper * n, values)
+        return decisions, states
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+class _Delays(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upscale_delay_s: NonNegativeFloat = 10.0
+    downscale_delay_s: NonNegativeFloat = 120.0
+    look_back_period_s: PositiveFloat = 15.0
+
+
+class IngressScaling(_Delays):
+    min_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 4
+    target_ongoing_requests: PositiveFloat = 32.0
+
+
+class RouterScaling(_Delays):
+    min_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 4
+    target_kv_usage: float = Field(0.75, gt=0, le=1)
+    target_waiting: PositiveFloat = 2.0
+    kv_usage_low: float | None = Field(None, ge=0, le=1)
+    waiting_low: NonNegativeFloat | None = None
+    max_step_down: PositiveInt = 1
+
+
+class ExpertGroupScaling(_Delays):
+    shards_per_group: PositiveInt = 1
+    min_groups: PositiveInt = 1
+    max_groups: PositiveInt = 1
+    target_expert_load: PositiveFloat | None = Field(None, description="routed assignments per second per shard")
+    target_exchange_latency_s: PositiveFloat | None = 0.05
+    low_ratio: float = Field(0.5, gt=0, lt=1)
+
+
+class AutoscalingSettings(BaseModel):
+    """All bounds and targets of the cluster's autoscaling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ingress: IngressScaling = IngressScaling()
+    router: RouterScaling = RouterScaling()
+    experts: ExpertGroupScaling | None = None
+    record_metrics: bool = True
+
+    def ingress_config(self) -> dict[str, Any]:
+        s = self.ingress
+        return {**_common(s), "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                "target_ongoing_requests": s.target_ongoing_requests}
+
+    def router_config(self) -> dict[str, Any]:
+        s = self.router
+        kwargs = {"target_kv_usage": s.target_kv_usage, "target_waiting": s.target_waiting,
+                  "kv_usage_low": s.kv_usage_low, "waiting_low": s.waiting_low, "max_step_down": s.max_step_down,
+                  "record_metrics": self.record_metrics}
+        if self.experts is not None:  # groups decide; keep the router's bounds those of the groups
+            return {**_common(self.experts), "min_replicas": self.experts.min_groups,
+                    "max_replicas": self.experts.max_groups}
+        return {**_common(s), "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                "policy": {"policy_function": f"{POLICY_MODULE}:RouterAutoscalingPolicy",
+                           "policy_kwargs": {k: v for k, v in kwargs.items() if v is not None}}}
+
+    def shard_config(self) -> dict[str, Any]:
+        e = self._experts()
+        return {**_common(e), "min_replicas": e.min_groups * e.shards_per_group,
+                "max_replicas": e.max_groups * e.shards_per_group}
+
+    def application_policy(self, router_deployment: str = "Router",
+                           shard_deployment: str = "ExpertShard") -> dict[str, Any]:
+        """The application's `autoscaling_policy` (expert groups as units); None-valued kwargs dropped."""
+        e, r = self._experts(), self.router
+        kwargs = {"router_deployment": router_deployment, "shard_deployment": shard_deployment,
+                  "shards_per_group": e.shards_per_group, "min_groups": e.min_groups, "max_groups": e.max_groups,
+                  "target_kv_usage": r.target_kv_usage, "target_waiting": r.target_waiting,
+                  "kv_usage_low": r.kv_usage_low, "waiting_low": r.waiting_low,
+                  "target_expert_load": e.target_expert_load, "target_exchange_latency_s": e.target_exchange_latency_s,
+                  "low_ratio": e.low_ratio, "max_step_down": r.max_step_down, "record_metrics": self.record_metrics}
+        return {"policy_function": f"{POLICY_MODULE}:ExpertGroupAutoscalingPolicy",
+                "policy_kwargs": {k: v for k, v in kwargs.items() if v is not None}}
+
+    def _experts(self) -> ExpertGroupScaling:
+        if self.experts is None:
+            raise ValueError("no expert-group autoscaling configured (autoscaling.experts)")
+        return self.experts
+
+
+def _common(s: _Delays) -> dict[str, Any]:
+    # Factors of 1: Serve then never rounds a whole-group decision to a partial one.
+    return {"upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
+            "upscaling_factor": 1.0, "downscaling_factor": 1.0}
+
+
+__all__ = [
+    "EXCHANGE_LATENCY_KEY", "EXPERT_LOAD_KEY", "KV_USAGE_KEY", "RUNNING_KEY", "WAITING_KEY", "AutoscalingSettings",
+    "ExpertGroupAutoscalingPolicy", "ExpertGroupScaling", "ExpertLoadMeter", "ExpertShardAutoscalingPolicy",
+    "IngressScaling", "RouterAutoscalingPolicy", "RouterScaling", "Signal", "decide_units",
+    "router_autoscaling_stats",
+]

@@ -1,0 +1,134 @@
+"""The serving configuration: one typed object from a YAML/JSON file, CLI flags or a Serve config's
+`args`, validated at the edge; everything inside reads it as plain attributes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
+
+from cluster.engine_config import EngineConfig
+from cluster.errors import ConfigError
+
+
+class EngineSettings(BaseModel):
+    """The router's engine limits (see cluster.engine_config.EngineConfig)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: PositiveInt = 16
+    num_kv_blocks: PositiveInt | None = None
+    kv_cache_bytes: PositiveInt = 256 * 2**20
+    max_num_seqs: PositiveInt = 64
+    max_num_batched_tokens: PositiveInt = 512
+    max_model_len: PositiveInt | None = None
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump())
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="model directory; None serves the embedded tiny checkpoint")
+    served_model_name: str | None = Field(None, description="the `model` id of the API; default: the directory name")
+    app_name: str = "moe-cluster"
+    route_prefix: str = "/"
+    engine: EngineSettings = EngineSettings()
+    transport: str = Field("local", description="expert dispatch transport of the routers")
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    grpc_reflection: bool = Field(False, description="serve grpc.reflection.v1alpha on the gRPC port")
+    grpc_max_message_bytes: PositiveInt = 4 * 2**20
+    api_keys: tuple[str, ...] = Field((), description="bearer keys; empty: no authentication")
+
+    max_body_bytes: PositiveInt = 8 * 2**20
+    max_ongoing_requests: PositiveInt = Field(64, description="generation requests in flight per ingress replica; "
+                                                              "more are refused (HTTP 429, RESOURCE_EXHAUSTED)")
+    max_queued_requests: int = Field(64, ge=-1, description="requests Serve queues before an ingress replica; "
+                                                            "-1: unbounded")
+    retry_after_s: PositiveInt = 1
+    request_timeout_s: PositiveFloat | None = Field(None, description="end-to-end limit set on Serve's proxies")
+    max_tokens: PositiveInt = Field(4096, description="largest max_tokens a request may ask for")
+    default_completion_tokens: PositiveInt = Field(16, description="/v1/completions max_tokens when unset")
+    max_n: PositiveInt = Field(8, description="largest n (choices per prompt) and prompts per request")
+
+    num_ingress_replicas: PositiveInt = 1
+    num_router_replicas: PositiveInt = 1
+    ingress_num_cpus: NonNegativeFloat = 0.5
+    router_num_cpus: NonNegativeFloat = 1.0
+    router_num_gpus: NonNegativeFloat = 0.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple) and any(not isinstance(k, str) or not k.strip() for k in value):
+            raise ValueError("api keys must be non-empty strings")
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or (len(value) > 1 and value.endswith("/")):
+            raise ValueError("route_prefix must start with '/' and not end with one (unless it is '/')")
+        return value
+
+    @property
+    def router_max_ongoing_requests(self) -> int:
+        # Every ingress replica may hold max_ongoing_requests requests of up to max_n streams each,
+        # so admitted work never waits in a handle queue; headroom for stats/info calls.
+        return self.num_ingress_replicas * self.max_ongoing_requests * self.max_n + 16
+
+    @property
+    def ingress_max_ongoing_requests(self) -> int:
+        # Above the app's own admission limit, so that its fast 429 (and health probes) win over
+        # Serve queueing at the proxy.
+        return self.max_ongoing_requests + 32
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> AppConfig:
+    """Reads a YAML or JSON file (if given) and applies `overrides` whose value is not None."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> AppConfig:
+    from pydantic import ValidationError
+
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid config: {problems}") from exc
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is None:
+        from cluster.embedded import embedded_checkpoint
+
+        return embedded_checkpoint()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} does not exist")
+    return path
+
+
+def served_name(config: AppConfig, model_dir: Path) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    return "moe-cluster-embedded" if config.model is None else model_dir.name

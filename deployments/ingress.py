@@ -1,0 +1,22 @@
+"""The Ingress deployment: the HTTP app (built per replica from the config) and the gRPC methods
+that Serve's gRPC proxy calls by RPC name, over one IngressCore."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+
+from deployments.config import AppConfig
+from deployments.grpc_service import GrpcMethods
+from deployments.http_app import create_http_app
+from deployments.service import IngressCore
+
+
+@serve.ingress()
+class Ingress(GrpcMethods):
+    def __init__(self, router: object, config: AppConfig) -> None:
+        self.config = config
+        self.core = IngressCore(router, config)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_http_app(lambda: self.core, self.config)

@@ -1,0 +1,1 @@
+"""The gRPC API: `moe_cluster.proto` and its generated stubs (regenerate with `regenerate.py`)."""

@@ -1,0 +1,88 @@
+"""`moe-cluster serve`: a local Ray cluster with the application, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from deployments.config import AppConfig, load_config
+
+API_KEYS_ENV = "MOE_CLUSTER_API_KEYS"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API",
+                       description="Starts a local Ray cluster with the Serve application (ingress -> router) "
+                                   "and serves until Ctrl-C or SIGTERM. Flags override the config file.")
+    p.add_argument("--model", default=None,
+                   help="model directory (default: the embedded tiny checkpoint, made once and cached)")
+    p.add_argument("--config", type=Path, default=None, help="YAML or JSON file of AppConfig fields")
+    p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
+    p.add_argument("--api-key", action="append", default=None, dest="api_keys",
+                   help=f"require this bearer key (repeatable; or set {API_KEYS_ENV}=k1,k2)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="generation requests in flight per ingress replica before 429 (default 64)")
+    p.add_argument("--max-queued-requests", type=int, default=None, help="Serve queue before 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask (4096)")
+    p.add_argument("--grpc-reflection", action="store_true", default=None, help="enable gRPC server reflection")
+    p.add_argument("--num-router-replicas", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster offers (default: all)")
+
+
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    keys = args.api_keys
+    if keys is None and os.environ.get(API_KEYS_ENV):
+        keys = [k.strip() for k in os.environ[API_KEYS_ENV].split(",") if k.strip()]
+    return load_config(args.config, model=args.model, host=args.host, http_port=args.http_port,
+                       grpc_port=args.grpc_port, api_keys=keys, served_model_name=args.served_model_name,
+                       max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+                       max_tokens=args.max_tokens, grpc_reflection=args.grpc_reflection,
+                       num_router_replicas=args.num_router_replicas)
+
+
+def _interrupt(signum: int, _: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deployments import launch
+
+    config = config_from_args(args)
+    launch.check_ports_free(config.host, {"HTTP": config.http_port, "gRPC": config.grpc_port})
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    try:
+        print(f"moe-cluster: starting Ray and the application ({config.model or 'embedded tiny checkpoint'})...",
+              flush=True)
+        launch.start_ray_and_serve(config, num_cpus=args.num_cpus)
+        started = True
+        # ray.init installs a SIGTERM handler that aborts the driver: put ours back.
+        for s in previous:
+            signal.signal(s, _interrupt)
+        launch.deploy([config])
+        auth = "API key required" if config.api_keys else "no API key"
+        print(f"moe-cluster: serving ({auth})\n"
+              f"  HTTP  http://{config.host}:{config.http_port}  (OpenAI API under /v1, /health, /ready)\n"
+              f"  gRPC  {config.host}:{config.grpc_port}  (moe_cluster.v1.MoeCluster, grpc.health.v1.Health)\n"
+              "Press Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nmoe-cluster: stopping...", file=sys.stderr, flush=True)
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if started:
+            launch.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("moe-cluster: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,46 @@
+"""The session's server: see tests/e2e/support.py for the applications it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.tokenizer import Tokenizer
+from deployments.config import AppConfig
+from tests.e2e.support import (
+    GRPC_APP_MAX,
+    GRPC_PROXY_MAX,
+    KEY,
+    LIMIT,
+    MAX_BODY,
+    MAX_MODEL_LEN,
+    Server,
+    free_port,
+    scripts,
+)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_ckpt, make_ckpt) -> Server:
+    from deployments import launch
+
+    script = scripts(Tokenizer.from_model_dir(tiny_ckpt))
+    dirs = {"main": tiny_ckpt, "think": make_ckpt("think", script=script["think"]),
+            "tool": make_ckpt("tool", script=script["tool"]), "limits": tiny_ckpt}
+    http_port, grpc_port = free_port(), free_port()
+    common = dict(api_keys=[KEY], http_port=http_port, grpc_port=grpc_port, grpc_reflection=True,
+                  ingress_num_cpus=0, router_num_cpus=0, max_body_bytes=MAX_BODY,
+                  grpc_max_message_bytes=GRPC_APP_MAX, engine={"max_model_len": MAX_MODEL_LEN})
+    apps = {
+        "main": AppConfig(model=str(dirs["main"]), app_name="main", route_prefix="/", **common),
+        "think": AppConfig(model=str(dirs["think"]), app_name="think", route_prefix="/think", **common),
+        "tool": AppConfig(model=str(dirs["tool"]), app_name="tool", route_prefix="/tool", **common),
+        "limits": AppConfig(model=str(dirs["limits"]), app_name="limits", route_prefix="/limits",
+                            max_ongoing_requests=LIMIT, max_queued_requests=LIMIT, **common),
+    }
+    launch.start_ray_and_serve(apps["main"].model_copy(update={"grpc_max_message_bytes": GRPC_PROXY_MAX}),
+                               num_cpus=2)
+    try:
+        launch.deploy(list(apps.values()))
+        yield Server(http_port, grpc_port, apps, dirs)
+    finally:
+        launch.stop()

@@ -1,0 +1,89 @@
+"""Shared by the e2e tests: the served applications, their limits, and a handle on the server.
+
+One Ray cluster and one Serve instance for the whole e2e session, on free ports, with four
+applications side by side (route prefixes over HTTP, the `application` metadata over gRPC):
+
+- main   (/)        the tiny checkpoint: OpenAI API, parity, bad input, cancellation
+- think  (/think)   scripted: `[THINK]Let me think[/THINK]The answer`
+- tool   (/tool)    scripted: `[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}`
+- limits (/limits)  the tiny checkpoint with 2 requests in flight at most: backpressure
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx
+
+from cluster.tokenizer import Tokenizer
+from deployments.config import AppConfig
+
+KEY = "test-key-1"
+MAX_MODEL_LEN = 1024
+MAX_BODY = 256 * 1024
+GRPC_PROXY_MAX = 1024 * 1024  # the proxy's transport limit
+GRPC_APP_MAX = 512 * 1024  # each app's own check, below the proxy's
+LIMIT = 2  # max_ongoing_requests of the limits app
+THINK_TEXT, ANSWER_TEXT = "Let me think", "The answer"
+TOOL_NAME, TOOL_ARGS = "get_weather", '{"city": "Paris"}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    http_port: int
+    grpc_port: int
+    apps: dict[str, AppConfig]
+    model_dirs: dict[str, Path]
+
+    def url(self, path: str, app: str = "main") -> str:
+        prefix = self.apps[app].route_prefix.rstrip("/")
+        return f"http://127.0.0.1:{self.http_port}{prefix}{path}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {KEY}"}
+
+    def metadata(self, app: str = "main", key: str | None = KEY) -> list[tuple[str, str]]:
+        md = [("application", self.apps[app].app_name)]
+        return md + ([("authorization", f"Bearer {key}")] if key else [])
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[
+            ("grpc.max_send_message_length", 8 * 2**20), ("grpc.max_receive_message_length", 8 * 2**20)])
+
+    def stats(self, app: str = "main") -> dict:
+        r = httpx.get(self.url("/v1/engine/stats", app), headers=self.headers, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_idle(self, app: str = "main", timeout_s: float = 20.0) -> dict:
+        """Engine stats once nothing runs or waits and every KV block is free again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.stats(app)
+            if s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_blocks_used"] == 0:
+                return s
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine of {app!r} not idle after {timeout_s}s: {s}")
+            time.sleep(0.1)
+
+
+def scripts(tokenizer: Tokenizer) -> dict[str, list[int]]:
+    t = tokenizer
+    think = [t.think_id, *t.encode_text(THINK_TEXT, bos=False), t.end_think_id, *t.encode_text(ANSWER_TEXT, bos=False)]
+    tool = [t.tool_calls_id, *t.encode_text(TOOL_NAME, bos=False), t.args_id, *t.encode_text(TOOL_ARGS, bos=False)]
+    for script in (think, tool):
+        assert len(set(script)) == len(script), "a scripted checkpoint needs one successor per token"
+    return {"think": think, "tool": tool}
+
+

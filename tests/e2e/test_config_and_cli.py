@@ -1,0 +1,106 @@
+"""The Serve config file, the application builder and the `moe-cluster serve` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.errors import ConfigError
+from deployments.app import GRPC_SERVICER_FUNCTIONS, app_builder, build_app
+from deployments.cli import main
+from deployments.config import AppConfig, load_config
+from tests.e2e.support import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = ROOT / "deployments" / "serve_config.yaml"
+
+
+def test_serve_config_file_is_valid_and_builds():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
+    for fn in GRPC_SERVICER_FUNCTIONS:  # importable, as the proxy will import them
+        module, name = fn.rsplit(".", 1)
+        assert callable(getattr(__import__(module, fromlist=[name]), name))
+    (app,) = schema.applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(__import__(module, fromlist=[attr]), attr)
+    assert isinstance(builder(app.args), Application)
+    config = AppConfig.model_validate(app.args)
+    assert (config.http_port, config.grpc_port) == (schema.http_options.port, schema.grpc_options.port)
+
+
+def test_app_builder_refuses_bad_args():
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        app_builder({"max_ongoing_requests": 0})
+    with pytest.raises(ConfigError, match="no_such_field"):
+        app_builder({"no_such_field": 1})
+    assert isinstance(build_app(AppConfig()), Application)
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("http_port: 8100\napi_keys: [a, b]\nengine: {max_num_seqs: 8}\n")
+    config = load_config(path, http_port=None, grpc_port=9100)
+    assert (config.http_port, config.grpc_port, config.api_keys) == (8100, 9100, ("a", "b"))
+    assert config.engine.to_engine_config().max_num_seqs == 8
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("which", ["http", "grpc"])
+def test_serve_refuses_taken_ports(which, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1" if which == "http" else "", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = free_port()
+        ports = (port, other) if which == "http" else (other, port)
+        rc = main(["serve", "--http-port", str(ports[0]), "--grpc-port", str(ports[1])])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"port {port} is already in use" in err and ("HTTP" if which == "http" else "gRPC") in err
+
+
+@pytest.mark.slow
+def test_serve_command_runs_and_stops_on_sigterm(tmp_path, tiny_ckpt):
+    """The real command in its own process: serves, answers, and exits 0 on SIGTERM, ports free."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "MOE_CLUSTER_API_KEYS": "cli-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_ckpt),
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Press Ctrl-C" in line or proc.poll() is not None:
+                break
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{http_port}" in out and f":{grpc_port}" in out, out
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                       headers={"Authorization": "Bearer cli-key"}, timeout=60)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for port in (http_port, grpc_port):
+        with socket.socket() as s:
+            s.bind(("", port))  # free again: nothing left listening

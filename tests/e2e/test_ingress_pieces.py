@@ -1,0 +1,104 @@
+"""Pieces of the ingress checked without Ray: readiness and UNAVAILABLE while no router answers,
+the chat output parser against the engine's stop-string-safe text."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from starlette.testclient import TestClient
+
+from cluster.tokenizer import Tokenizer
+from deployments.admission import Admission
+from deployments.api_errors import Overloaded
+from deployments.chat import ChatParser
+from deployments.config import AppConfig
+from deployments.grpc_service import GrpcMethods
+from deployments.http_app import create_http_app
+from deployments.protos import moe_cluster_pb2 as pb
+from deployments.service import IngressCore
+
+
+class LoadingRouter:
+    """A router handle whose replica is not up: every call fails."""
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name):
+        async def fail(*_):
+            raise TimeoutError(f"{name}: no replica yet")
+        return SimpleNamespace(remote=fail)
+
+
+class FakeContext:
+    def __init__(self, metadata=()):
+        self._metadata, self.code, self.details = list(metadata), None, None
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+@pytest.fixture(scope="module")
+def loading(tiny_ckpt):
+    config = AppConfig(model=str(tiny_ckpt), api_keys=["k"])
+    ingress = GrpcMethods()
+    ingress.core = IngressCore(LoadingRouter(), config)
+    return ingress, config
+
+
+def test_not_ready_until_a_router_answers(loading):
+    ingress, config = loading
+    http = TestClient(create_http_app(lambda: ingress.core, config))
+    r = http.get("/ready")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+    check = asyncio.run(ingress.Check(health_pb2.HealthCheckRequest(), FakeContext()))
+    assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    ctx = FakeContext([("authorization", "Bearer k")])
+    asyncio.run(ingress.Generate(pb.GenerateRequest(text="Hi"), ctx))
+    assert ctx.code == grpc.StatusCode.UNAVAILABLE and "not loaded" in ctx.details
+    assert ingress.core.admission.in_flight == 0
+
+
+def test_admission_refuses_past_the_limit():
+    admission = Admission(2, retry_after_s=3)
+    a, b = admission.enter(), admission.enter()
+    with pytest.raises(Overloaded) as err:
+        admission.enter()
+    assert err.value.status == 429 and err.value.headers() == {"Retry-After": "3"}
+    a.release()
+    a.release()  # idempotent
+    assert admission.in_flight == 1
+    admission.enter()
+    b.release()
+
+
+def test_chat_parser_never_shows_more_than_the_engine_text(tiny_ckpt):
+    t = Tokenizer.from_model_dir(tiny_ckpt)
+    ids = [t.think_id, *t.encode_text("Plan it", bos=False), t.end_think_id,
+           *t.encode_text("Done. STOP here", bos=False)]
+    full = t.decode(ids)
+    cut = full.index(" STOP")  # the engine cut the text at the stop string " STOP"
+    parser = ChatParser(t)
+    shown = ""
+    for n in range(1, len(ids) + 1):
+        visible = min(len(t.decode(ids[:n])), cut - 4)  # and held back a possible prefix while streaming
+        d = parser.feed(ids[:n], visible)
+        shown += d.reasoning + d.content
+    d = parser.finish(cut)
+    shown += d.reasoning + d.content
+    assert (parser.reasoning, parser.content) == ("Plan it", "Done.")
+    assert shown == full[:cut]
