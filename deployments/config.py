@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
-from cluster.engine_config import EngineConfig
 from cluster.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cluster.engine_config import EngineConfig
 
 
 class EngineSettings(BaseModel):
@@ -26,6 +28,8 @@ class EngineSettings(BaseModel):
     max_model_len: PositiveInt | None = None
 
     def to_engine_config(self) -> EngineConfig:
+        from cluster.engine_config import EngineConfig  # torch: only where an engine is built
+
         return EngineConfig(**self.model_dump())
 
 

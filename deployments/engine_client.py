@@ -28,7 +28,7 @@ class EngineStream:
             self._done = True
             raise to_api_error(RuntimeError("the engine ended a request without output")) from None
         except BaseException as exc:
-            self.cancel()
+            self.cancel()  # a refused request is gone already; a cancelled caller must not leave it running
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 raise
             raise to_api_error(exc, self._retry_after_s) from None
@@ -55,7 +55,10 @@ class EngineStream:
                 self.cancel()
 
     def cancel(self) -> None:
-        """Idempotent; Serve forwards it to the router replica, whose generator then aborts."""
+        """Idempotent, and a no-op once the stream finished; Serve forwards it to the router
+        replica, whose generator then aborts the request."""
+        if self._done:
+            return
         self._done = True
         with contextlib.suppress(Exception):
             self._gen.cancel()

@@ -1,6 +1,13 @@
-"""The session's server: see tests/e2e/support.py for the applications it runs."""
+"""The session's server: see tests/e2e/support.py for the applications it runs.
+
+It is started once, for the first e2e test that needs it, and stopped right after the last e2e
+test (not at the end of the whole session), so that other directories' fixtures that call
+`ray.init` in this process never meet it."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +25,29 @@ from tests.e2e.support import (
     scripts,
 )
 
+HERE = Path(__file__).parent
+_running: list[Callable[[], None]] = []
+
+
+def _stop() -> None:
+    while _running:
+        _running.pop()()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or HERE not in Path(nextitem.path).parents:
+        _stop()
+
 
 @pytest.fixture(scope="session")
 def server(tiny_ckpt, make_ckpt) -> Server:
+    import ray
+
     from deployments import launch
+
+    if ray.is_initialized():
+        pytest.fail("Ray is already initialized in this test process (another directory's session fixture); "
+                    "run tests/e2e before it or in its own pytest process")
 
     script = scripts(Tokenizer.from_model_dir(tiny_ckpt))
     dirs = {"main": tiny_ckpt, "think": make_ckpt("think", script=script["think"]),
@@ -37,10 +63,11 @@ def server(tiny_ckpt, make_ckpt) -> Server:
         "limits": AppConfig(model=str(dirs["limits"]), app_name="limits", route_prefix="/limits",
                             max_ongoing_requests=LIMIT, max_queued_requests=LIMIT, **common),
     }
-    launch.start_ray_and_serve(apps["main"].model_copy(update={"grpc_max_message_bytes": GRPC_PROXY_MAX}),
-                               num_cpus=2)
+    _running.append(launch.stop)
     try:
+        launch.start_ray_and_serve(apps["main"].model_copy(update={"grpc_max_message_bytes": GRPC_PROXY_MAX}),
+                                   num_cpus=2)
         launch.deploy(list(apps.values()))
         yield Server(http_port, grpc_port, apps, dirs)
     finally:
-        launch.stop()
+        _stop()
