@@ -39,14 +39,16 @@ class GroupSpec:
 
 
 class ShardRegistry:
-    """Ray actor: the current shard actor of every rank; replaces dead ones in their bundle."""
+    """Ray actor: the placement group of the shards and the current shard actor of every rank;
+    replaces dead ones in their bundle."""
 
-    def __init__(self, spec: GroupSpec, pg: Any) -> None:
-        self.spec, self.pg = spec, pg
-        self.generation = [0] * spec.num_shards
-        self.shards = [self._start(rank) for rank in range(spec.num_shards)]
+    def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
         import ray
 
+        self.spec = spec
+        self.pg = _shard_placement_group(spec, require_distinct_nodes)
+        self.generation = [0] * spec.num_shards
+        self.shards = [self._start(rank) for rank in range(spec.num_shards)]
         ray.get([s.ready.remote() for s in self.shards])
 
     def _start(self, rank: int) -> Any:
@@ -60,6 +62,14 @@ class ShardRegistry:
     def current(self) -> tuple[list[Any], list[int]]:
         return self.shards, self.generation
 
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for shard in self.shards:
+            ray.kill(shard)
+        remove_placement_group(self.pg)
+
     def replace(self, rank: int, generation: int) -> tuple[list[Any], list[int]]:
         """Replaces rank's shard unless another router already did (its generation moved on)."""
         import ray
@@ -72,40 +82,35 @@ class ShardRegistry:
         return self.shards, self.generation
 
 
-class RouterWorker:
-    """Ray actor body of a router: the engine with a transport's dispatcher and no experts."""
+class GroupRouter:
+    """A router's membership in an expert group: builds its engine over the transport's
+    dispatcher and re-forms the group when an exchange fails. Used inside a `RouterWorker`
+    actor and inside the Serve `Router` deployment alike."""
 
     def __init__(self, spec: GroupSpec, registry: Any) -> None:
-        import torch
-
-        torch.set_num_threads(spec.torch_threads)
-        self.spec, self.registry = spec, registry
-        self.engine: Any = None
-        self.reform_seconds: list[float] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
         import ray
 
         from cluster.config import load_model_config
         from cluster.engine import LLMEngine
         from cluster.placement import ExpertPlacement
 
-        text = load_model_config(self.spec.model_dir).text
-        placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, self.spec.num_shards)
-        shards, self.generation = ray.get(self.registry.current.remote())
-        if self.spec.transport == "ray":
+        self.spec, self.registry = spec, registry
+        self.reform_seconds: list[float] = []
+        text = load_model_config(spec.model_dir).text
+        placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, spec.num_shards)
+        shards, _ = ray.get(registry.current.remote())
+        if spec.transport == "ray":
             from cluster.transport_ray import RayDispatcher
 
-            dispatcher: Any = RayDispatcher(placement, shards, self.spec.exchange_deadline_s)
+            dispatcher: Any = RayDispatcher(placement, shards, spec.exchange_deadline_s)
         else:
             from cluster.transport_deepspeed import DeepSpeedDispatcher
 
             dispatcher = DeepSpeedDispatcher(placement, text.hidden_size, text.num_experts_per_tok,
-                                             self.spec.exchange_deadline_s)
+                                             spec.exchange_deadline_s)
             self._form(dispatcher, shards)
         dispatcher.on_failure = self._reform
-        self.engine = LLMEngine(self.spec.model_dir, self.spec.engine, dispatcher=dispatcher)
+        self.engine = LLMEngine(spec.model_dir, spec.engine, dispatcher=dispatcher)
 
     def _form(self, dispatcher: Any, shards: list[Any]) -> None:
         """(Re-)forms the DeepSpeed process group: rank 0 here, rank r + 1 on shard r."""
@@ -135,6 +140,23 @@ class RouterWorker:
             dispatcher.leave()
             self._form(dispatcher, shards)
         self.reform_seconds.append(time.monotonic() - started)
+
+
+class RouterWorker:
+    """Ray actor body of a router for the offline API: a GroupRouter and a synchronous loop."""
+
+    def __init__(self, spec: GroupSpec, registry: Any) -> None:
+        import torch
+
+        torch.set_num_threads(spec.torch_threads)
+        self.spec, self.registry = spec, registry
+        self.member: GroupRouter | None = None
+        self.engine: Any = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.member = GroupRouter(self.spec, self.registry)
+        self.engine = self.member.engine
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
         ids = []
@@ -178,7 +200,7 @@ class RouterWorker:
         return self.engine.stats()
 
     def reforms(self) -> list[float]:
-        return list(self.reform_seconds)
+        return list(self.member.reform_seconds)
 
     def held(self) -> dict[str, int]:
         return {n: p.numel() for n, p in self.engine.model.named_parameters()}
@@ -206,7 +228,6 @@ class ExpertGroup:
 
     def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
         import ray
-        from ray.util.placement_group import placement_group
 
         if spec.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {spec.transport!r} for an expert group; known: {TRANSPORTS}")
@@ -216,19 +237,9 @@ class ExpertGroup:
         if not ray.is_initialized():
             # Joins the cluster named by RAY_ADDRESS, or starts a local one.
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-        slots = int(ray.cluster_resources().get(EXPERT_SLOT, 0))
-        distinct = slots >= spec.num_shards
-        if require_distinct_nodes and not distinct:
-            raise ConfigError(f"{spec.num_shards} expert shards need {spec.num_shards} nodes with an "
-                              f"'{EXPERT_SLOT}' resource; the cluster has {slots}")
-        if not distinct:
-            log.warning("cluster has %d '%s' resources for %d shards: shards may share nodes",
-                        slots, EXPERT_SLOT, spec.num_shards)
-        bundle = {EXPERT_SLOT: 1, "CPU": 0.01} if distinct else {"CPU": 0.01}
-        self.pg = placement_group([bundle] * spec.num_shards, strategy="STRICT_SPREAD" if distinct else "PACK")
-        ray.get(self.pg.ready(), timeout=120)
         self.spec = spec
-        self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(spec, self.pg)
+        self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(
+            spec, require_distinct_nodes)
         router_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(RouterWorker)
         self.routers = [router_cls.remote(spec, self.registry) for _ in range(spec.num_routers)]
         ray.get([r.start.remote() for r in self.routers])
@@ -259,13 +270,40 @@ class ExpertGroup:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         try:
             ray.get([r.close.remote() for r in self.routers], timeout=60)
         except ray.exceptions.RayError as exc:
             log.warning("closing routers: %s", exc)
         finally:
-            for actor in [*self.routers, *self.shards, self.registry]:
+            ray.get(self.registry.shutdown.remote(), timeout=60)
+            for actor in [*self.routers, self.registry]:
                 ray.kill(actor)
-            remove_placement_group(self.pg)
+
+
+def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None) -> Any:
+    """One bundle per shard; STRICT_SPREAD over `expert_slot` nodes when the cluster has enough."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    slots = int(ray.cluster_resources().get(EXPERT_SLOT, 0))
+    distinct = slots >= spec.num_shards
+    if require_distinct_nodes and not distinct:
+        raise ConfigError(f"{spec.num_shards} expert shards need {spec.num_shards} nodes with an "
+                          f"'{EXPERT_SLOT}' resource; the cluster has {slots}")
+    if not distinct:
+        log.warning("cluster has %d '%s' resources for %d shards: shards may share nodes",
+                    slots, EXPERT_SLOT, spec.num_shards)
+    bundle = {EXPERT_SLOT: 1, "CPU": 0.01} if distinct else {"CPU": 0.01}
+    pg = placement_group([bundle] * spec.num_shards, strategy="STRICT_SPREAD" if distinct else "PACK")
+    ray.get(pg.ready(), timeout=120)
+    return pg
+
+
+def shared_registry(spec: GroupSpec, name: str) -> Any:
+    """The named registry `name` (created with its shards on first use, then shared): how
+    Serve router replicas find the expert shards they share."""
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry)
+    return cls.options(name=name, namespace="moe-cluster", get_if_exists=True, lifetime="detached").remote(spec)
