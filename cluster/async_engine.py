@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import ImageRows, RequestOutput
-from cluster.stats import EngineStats
+from cluster.stats import EngineStats, KVLoad
 
 
 class EngineDeadError(RuntimeError):
@@ -25,6 +25,7 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self.load: KVLoad = engine.kv_load()  # refreshed under the lock at every change; read without it
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -39,6 +40,7 @@ class AsyncEngine:
                 raise EngineDeadError(f"engine stopped: {self._error!r}")
             self.engine.add_request(request_id, prompt_token_ids, params, images)  # raises on bad input
             self._queues[request_id] = (loop, queue)
+            self.load = self.engine.kv_load()
             self._wake.notify()
         finished = False
         try:
@@ -58,6 +60,16 @@ class AsyncEngine:
         with self._wake:
             self._queues.pop(request_id, None)
             self.engine.abort(request_id)
+            self.load = self.engine.kv_load()
+
+    @property
+    def alive(self) -> bool:
+        """False once the loop stopped on an internal error (or was shut down)."""
+        return self._error is None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -83,6 +95,7 @@ class AsyncEngine:
                     return
                 try:
                     outputs = self.engine.step()
+                    self.load = self.engine.kv_load()
                 except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
                     self._error = exc
                     for loop, queue in self._queues.values():

@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from cluster.errors import ConfigError
+from deployments.autoscaling import AutoscalingSettings
+from deployments.serving_config import ImageSettings, RoutingSettings, VisionSettings
 
 if TYPE_CHECKING:
     from cluster.engine_config import EngineConfig
@@ -41,7 +52,13 @@ class AppConfig(BaseModel):
     app_name: str = "moe-cluster"
     route_prefix: str = "/"
     engine: EngineSettings = EngineSettings()
-    transport: str = Field("local", description="expert dispatch transport of the routers")
+    transport: Literal["local", "ray", "deepspeed"] = Field(
+        "local", description="expert dispatch transport of the routers: local (experts in the router), "
+                             "ray (router replicas share expert shards), deepspeed (a group per router)")
+    num_expert_shards: int = Field(0, ge=0, description="expert shard actors (ray/deepspeed transports; with "
+                                                        "local, in-process shards)")
+    exchange_deadline_s: PositiveFloat = Field(30.0, description="deadline of one expert exchange; a shard "
+                                                                 "missing it is replaced and the step re-run")
 
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
@@ -60,12 +77,20 @@ class AppConfig(BaseModel):
     max_tokens: PositiveInt = Field(4096, description="largest max_tokens a request may ask for")
     default_completion_tokens: PositiveInt = Field(16, description="/v1/completions max_tokens when unset")
     max_n: PositiveInt = Field(8, description="largest n (choices per prompt) and prompts per request")
+    prompt_token_budget: PositiveInt = Field(2**20, description="prompt tokens (x n) of the requests in flight "
+                                                              "per ingress replica; a request past it gets 429")
+    images: ImageSettings = ImageSettings()
+    vision: VisionSettings = VisionSettings()
+    routing: RoutingSettings = RoutingSettings()
 
     num_ingress_replicas: PositiveInt = 1
     num_router_replicas: PositiveInt = 1
     ingress_num_cpus: NonNegativeFloat = 0.5
     router_num_cpus: NonNegativeFloat = 1.0
     router_num_gpus: NonNegativeFloat = 0.0
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="replica bounds and targets: ingress on ongoing requests, routers on KV use and waiting "
+                          "queue (docs/OPERATIONS.md); None: fixed num_*_replicas")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -83,11 +108,18 @@ class AppConfig(BaseModel):
             raise ValueError("route_prefix must start with '/' and not end with one (unless it is '/')")
         return value
 
+    @model_validator(mode="after")
+    def _autoscaling(self) -> AppConfig:
+        if self.autoscaling is not None:
+            self.autoscaling.check_app(self.model_fields_set, self.num_ingress_replicas, self.num_router_replicas)
+        return self
+
     @property
     def router_max_ongoing_requests(self) -> int:
         # Every ingress replica may hold max_ongoing_requests requests of up to max_n streams each,
         # so admitted work never waits in a handle queue; headroom for stats/info calls.
-        return self.num_ingress_replicas * self.max_ongoing_requests * self.max_n + 16
+        ingress = self.autoscaling.ingress.max_replicas if self.autoscaling else self.num_ingress_replicas
+        return ingress * self.max_ongoing_requests * self.max_n + 16
 
     @property
     def ingress_max_ongoing_requests(self) -> int:
@@ -136,3 +168,14 @@ def served_name(config: AppConfig, model_dir: Path) -> str:
     if config.served_model_name:
         return config.served_model_name
     return "moe-cluster-embedded" if config.model is None else model_dir.name
+
+
+API_KEYS_ENV = "MOE_CLUSTER_API_KEYS"
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    """Bearer keys from `MOE_CLUSTER_API_KEYS` (comma-separated; keeps keys out of command lines
+    and Serve config files, e.g. from a Kubernetes Secret)."""
+    import os
+
+    return tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())

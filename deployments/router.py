@@ -4,18 +4,20 @@ transport (`local` until the expert-shard deployments exist)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from cluster.async_engine import AsyncEngine, EngineDeadError
-from cluster.engine import LLMEngine
 from cluster.errors import RequestError
-from cluster.sequence import ImageRows, RequestOutput
+from cluster.sequence import RequestOutput
 from cluster.stats import EngineStats
 from deployments.api_errors import Unavailable, request_error
 from deployments.config import AppConfig, resolve_model_dir, served_name
+from deployments.instrumentation import RouterInstrumentation
 from deployments.request import GenerateRequest, ModelInfo
+from deployments.router_engine import build_router_engine
 
 logger = logging.getLogger("ray.serve")
 
@@ -23,9 +25,12 @@ logger = logging.getLogger("ray.serve")
 class Router:
     def __init__(self, config: AppConfig) -> None:
         model_dir = resolve_model_dir(config.model)
-        engine = LLMEngine(model_dir, config.engine.to_engine_config(), transport=config.transport)
+        engine = build_router_engine(config, model_dir)
         self.engine = AsyncEngine(engine)
-        self._vision = None
+        self._metrics = RouterInstrumentation(self.engine, config.transport)  # times exchanges, polls stats
+        self.replica_id = _replica_id()
+        self._requests = 0  # generate calls received
+        self._reports = 0
         mc = engine.model_config
         self._info = ModelInfo(name=served_name(config, model_dir), model_dir=str(model_dir),
                                vocab_size=engine.text.vocab_size, max_model_len=engine.max_model_len,
@@ -36,31 +41,16 @@ class Router:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; cancelling the caller's stream aborts it here and frees
         its KV blocks (AsyncEngine.generate aborts when left early)."""
+        self._requests += 1
         try:
-            images = await self._image_rows(request) if request.images else None
+            # Image embeddings come ready from the VisionEncoder deployment (via the ingress).
             async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids),
-                                                  request.params, images):
+                                                  request.params, request.images):
                 yield out
         except RequestError as exc:
             raise request_error(exc) from None
         except EngineDeadError as exc:
             raise Unavailable(str(exc)) from None
-
-    async def _image_rows(self, request: GenerateRequest) -> ImageRows:
-        from cluster.vision import ImageLimits, VisionEncoder, image_rows
-
-        engine = self.engine.engine
-        if not self._info.has_vision:
-            raise RequestError(f"{self._info.name} has no vision tower; it takes no images")
-        if self._vision is None:
-            self._vision = VisionEncoder.from_model_dir(engine.model_dir)
-        vision, images = self._vision, list(request.images)
-        ImageLimits().check(images)
-        vision.check(images)
-        embeds = await asyncio.to_thread(vision.encode, images)
-        tokenizer = engine.stop.tokenizer
-        return image_rows(request.prompt_token_ids, embeds, engine.model_config.image_token_id,
-                          tokenizer.img_end_id if tokenizer else None)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -71,12 +61,38 @@ class Router:
     def info(self) -> ModelInfo:
         return self._info
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve's controller every `routing.stats_period_s`; the KV-aware request router
+        (deployments.request_router) reads it in every handle. Never waits for an engine step: the
+        engine loop publishes its KV load after every change."""
+        load = self.engine.load
+        self._reports += 1
+        return {"replica": self.replica_id, "seq": self._reports, "time": time.time(),
+                "free_blocks": load.available_blocks, "total_blocks": load.total_blocks,
+                "block_size": load.block_size, "running": load.num_running, "waiting": load.num_waiting,
+                "requests": self._requests}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """KV use and waiting queue for deployments.autoscaling.RouterAutoscalingPolicy."""
+        return self._metrics.autoscaling_stats()
+
     def check_health(self) -> None:
         """Serve's health probe: a dead engine loop marks the replica unhealthy (and restarted)."""
-        if self.engine._error is not None or not self.engine._thread.is_alive():
-            raise RuntimeError(f"engine loop stopped: {self.engine._error!r}")
+        if not self.engine.alive:
+            raise RuntimeError(f"engine loop stopped: {self.engine.error!r}")
 
     def __del__(self) -> None:
+        if getattr(self, "_metrics", None) is not None:
+            self._metrics.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests, tools)
+        return "local"
