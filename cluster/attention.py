@@ -34,7 +34,7 @@ class DecodeBatch:
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     context_slots: torch.Tensor  # [B, Lmax] cache slots, padded with slot 0
-    valid: torch.Tensor  # [B, 1, 1, Lmax] bool, False on padding
+    valid: torch.Tensor  # [B, 1, Lmax] bool, False on padding
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,15 @@ class MLAAttention(nn.Module):
     def _decode(self, q: torch.Tensor, batch: DecodeBatch, flat_cache: torch.Tensor) -> torch.Tensor:
         """One new token per sequence, attending in latent space: the key and value up-projections
         are absorbed into the query and the output, so contexts are never expanded per head."""
-        b = q.shape[0]
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [h, nope, c], [h, v, c]
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, h, nope], [B, h, r]
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, h, c]
-        query = torch.cat([q_lat, q_rot], dim=-1).unsqueeze(2)  # [B, h, 1, c+r]
+        query = torch.cat([q_lat, q_rot], dim=-1)  # [B, h, c+r]
         ctx = flat_cache[batch.context_slots]  # [B, L, c+r]
-        key = ctx.unsqueeze(1).expand(b, self.heads, -1, -1)  # [B, h, L, c+r]
-        value = key[..., :self.kv_lora_rank]  # [B, h, L, c]
-        o_lat = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.valid,
-                                               scale=self.rope.softmax_scale)  # [B, h, 1, c]
-        return torch.einsum("bhc,hvc->bhv", o_lat[:, :, 0], w_uv)  # [B, h, v]
+        # Plain batched matmuls: SDPA over a head-broadcast latent key falls back to a slow path.
+        scores = torch.bmm(query, ctx.transpose(1, 2)) * self.rope.softmax_scale  # [B, h, L]
+        scores = scores.masked_fill(~batch.valid, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        o_lat = torch.bmm(probs, ctx[..., :self.kv_lora_rank])  # [B, h, c]
+        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)  # [B, h, v]

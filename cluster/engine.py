@@ -22,7 +22,7 @@ from cluster.sampler import logprobs_of, sample
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.sequence import ImageRows, RequestOutput, Sequence, Status
-from cluster.stats import EngineStats
+from cluster.stats import EngineStats, KVLoad
 from cluster.stop import StopChecker
 
 MAX_STEP_RETRIES = 3
@@ -218,6 +218,16 @@ class LLMEngine:
             prompt_tokens=self.counters.prompt_tokens, generation_tokens=self.counters.generation_tokens,
             aborts=self.counters.aborts)
 
+    def kv_load(self) -> KVLoad:
+        """Free KV blocks and the blocks that the prompts already here will still take (request
+        routing prefers the replica with the most of the difference)."""
+        blocks, reserved = self.blocks, 0
+        for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting):
+            if seq.num_computed < len(seq.token_ids):
+                reserved += max(blocks.blocks_for(len(seq.token_ids)) - len(blocks.table(seq.request_id)), 0)
+        return KVLoad(blocks.num_free, reserved, blocks.num_blocks, blocks.block_size,
+                      len(self.scheduler.running), len(self.scheduler.waiting))
+
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
         live = {s.request_id for s in self.scheduler.running} | {s.request_id for s in self.scheduler.waiting}
@@ -234,4 +244,4 @@ def _decode_batch(rows: list[int], contexts: list[torch.Tensor]) -> DecodeBatch 
     lengths = torch.tensor([len(c) for c in contexts])
     padded = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)  # [B, Lmax], pad slot 0
     valid = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
-    return DecodeBatch(torch.tensor(rows, dtype=torch.long), padded, valid[:, None, None, :])
+    return DecodeBatch(torch.tensor(rows, dtype=torch.long), padded, valid[:, None, :])

@@ -195,6 +195,9 @@ def child_profile(spec: dict) -> dict:
         return out
 
     eng.scheduler.schedule = recording_schedule
+    for _ in range(prof_spec.get("skip", 0)):  # unprofiled, e.g. to start in the decode phase
+        if eng.has_unfinished():
+            eng.step()
     kinds = {"prefill": [0, 0.0, 0, 0], "decode": [0, 0.0, 0, 0]}  # steps, seconds, tokens, seqs
     prof = cProfile.Profile()
     total = 0.0
@@ -212,7 +215,8 @@ def child_profile(spec: dict) -> dict:
         k[1] += dt
         k[2] += sum(n for n, _ in last)
         k[3] += len(last)
-    lines = [f"cProfile over {kinds['prefill'][0] + kinds['decode'][0]} engine steps, {total:.2f} s "
+    lines = [f"cProfile over {kinds['prefill'][0] + kinds['decode'][0]} engine steps after "
+             f"{prof_spec.get('skip', 0)} unprofiled ones, {total:.2f} s "
              f"(profiler overhead included):"]
     for name, (steps, secs, toks, seqs) in kinds.items():
         if steps:
@@ -294,11 +298,13 @@ LABELS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m ops.bench.engine",
-        description="Benchmark the engine (cluster.LLM) against transformers generate() on the same checkpoint: "
-                    "output tokens/s on a mixed workload (each side in its own child process, alternating), "
-                    "peak memory, and batch-1 latency. Prints a markdown table; --write-docs puts it into "
-                    "docs/BENCHMARKS.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Benchmark the engine (cluster.LLM) against transformers generate() on the same\n"
+                    "checkpoint: output tokens/s on a mixed workload (each side in its own child process,\n"
+                    "alternating), peak memory, and batch-1 latency. Prints a markdown table; --write-docs\n"
+                    "puts it into docs/BENCHMARKS.md.",
+        epilog="examples:\n" + "\n".join(
+            "  " + line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith("python -m")),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny checkpoint, 8 requests (prompts 8..64, outputs 4..16), the engine and both "
                          "references; seconds. Does not write docs unless --write-docs is given")
@@ -306,11 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="replace the bench:engine section of docs/BENCHMARKS.md with this run's table")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every child (default: the CPUs this process may use)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the workload (lengths and token ids)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the workload (lengths and token ids); default %(default)s")
     ap.add_argument("--ckpt-dir", type=Path, default=None,
                     help="checkpoint directory, reused when its moe_cluster.json names the same preset and "
                          "seed, else written there (default: ~/.cache/moe-cluster/<preset>-seed<ckpt-seed>)")
-    ap.add_argument("--ckpt-seed", type=int, default=0, help="seed of the random checkpoint")
+    ap.add_argument("--ckpt-seed", type=int, default=0, help="seed of the random checkpoint; default %(default)s")
     ap.add_argument("--preset", default=None, help="checkpoint preset (default: bench; tiny with --smoke)")
     ap.add_argument("--num-requests", type=int, default=None, help="default: 64 (8 with --smoke)")
     ap.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
@@ -320,19 +327,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--latency", type=int, nargs=2, metavar=("PROMPT", "OUTPUT"), default=None,
                     help="the batch-1 latency request (default: 256 64; 16 4 with --smoke); 0 0 skips it")
     ap.add_argument("--sides", default=",".join(SIDES),
-                    help=f"comma-separated sides to run, from {', '.join(SIDES)}")
+                    help=f"comma-separated sides to run, from {', '.join(SIDES)}; default all")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="rounds of all sides, alternating; the table reports each side's median")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's per-step token budget")
-    ap.add_argument("--block-size", type=int, default=16, help="the engine's KV block size")
+                    help="rounds of all sides, alternating; the table reports each side's median; default %(default)s")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="the engine's per-step token budget; default %(default)s")
+    ap.add_argument("--block-size", type=int, default=16, help="the engine's KV block size; default %(default)s")
     ap.add_argument("--profile", action="store_true",
                     help="after the sides, profile the engine on the same workload (cProfile over the first "
                          "--profile-steps steps, then torch.profiler over --torch-profile-steps more) and print "
                          "the top functions by self time; with --write-docs the profile goes into the docs too")
     ap.add_argument("--profile-only", action="store_true", help="run only the profile, no sides")
-    ap.add_argument("--profile-steps", type=int, default=80, help="engine steps under cProfile")
-    ap.add_argument("--torch-profile-steps", type=int, default=6, help="engine steps under torch.profiler")
-    ap.add_argument("--profile-top", type=int, default=15, help="rows in each profile table")
+    ap.add_argument("--profile-skip", type=int, default=0,
+                    help="engine steps run before profiling starts (e.g. 20 to profile the decode phase only); "
+                         "default %(default)s")
+    ap.add_argument("--profile-steps", type=int, default=80, help="engine steps under cProfile; default %(default)s")
+    ap.add_argument("--torch-profile-steps", type=int, default=6,
+                    help="engine steps under torch.profiler; default %(default)s")
+    ap.add_argument("--profile-top", type=int, default=15, help="rows in each profile table; default %(default)s")
     ap.add_argument("--child-timeout", type=float, default=None,
                     help="seconds each child may run (default: 120 with --smoke, else 7200)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -353,7 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     for s in args.sides:
         if s not in SIDES:
-            ap.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
+            ap.error(f"unknown side {s!r}; choose from {', '.join(SIDES)}; default all")
     for name, (lo, hi) in (("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
         if not 1 <= lo <= hi:
             ap.error(f"{name} needs 1 <= MIN <= MAX, got {lo} {hi}")
@@ -430,7 +442,8 @@ def build_report(args: argparse.Namespace, results: dict[str, list[dict]], expec
                "average above and each child's CPU seconds show how busy it was.")
     if profile_text:
         out.append("")
-        out.append(f"Engine profile (`--profile`, first {cfg['profile_steps']} steps of the same workload; "
+        out.append(f"Engine profile (`--profile`, {cfg['profile_steps']} steps of the same workload after "
+                   f"{cfg['profile_skip']}; "
                    "cumulative times include callees):")
         out.append("")
         out.append("```text")
@@ -466,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                   "block_size": bs, "num_kv_blocks": blocks}
     base = {"ckpt": str(ckpt), "threads": args.threads, "requests": [[r.prompt, r.max_tokens] for r in work],
             "pad_token_id": pad, "engine": engine_cfg,
-            "profile": {"steps": args.profile_steps, "torch_steps": args.torch_profile_steps,
+            "profile": {"skip": args.profile_skip, "steps": args.profile_steps, "torch_steps": args.torch_profile_steps,
                         "top": args.profile_top}}
     machine = machine_line(args.threads)
     print(f"workload: {len(work)} requests, {sum(len(r.prompt) for r in work):,} prompt tokens, {expected:,} "
@@ -497,14 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"preset": args.preset, "ckpt_seed": args.ckpt_seed, "seed": args.seed, "num_requests": len(work),
            "prompt_len": args.prompt_len, "output_len": args.output_len,
            "prompt_tokens": sum(len(r.prompt) for r in work), "engine": engine_cfg,
-           "profile_steps": args.profile_steps}
+           "profile_steps": args.profile_steps, "profile_skip": args.profile_skip}
     if results:
         report = build_report(args, results, expected, cfg, command, date, machine, profile_text)
     else:
         report = f"Engine profile ({command}, {date}; {machine}):\n\n```text\n{profile_text}\n```\n"
     print(report)
     print(f"total {time.perf_counter() - t_all:.1f} s", file=sys.stderr)
-    if args.write_docs:
+    if args.write_docs and not results:
+        print("--write-docs ignored: a profile alone does not replace the benchmark table", file=sys.stderr)
+    elif args.write_docs:
         path = replace_section(SECTION, report)
         print(f"wrote the {SECTION!r} section of {path}", file=sys.stderr)
     return 0
