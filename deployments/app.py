@@ -1,4 +1,4 @@
-"""The Serve application: Ingress -> Router, built from one AppConfig. `build_app` for Python,
+"""The Serve application: Ingress -> Router (and VisionEncoder), built from one AppConfig. `build_app` for Python,
 `app_builder` for Serve config files (`import_path: deployments.app:app_builder`, `args:` the
 AppConfig fields)."""
 
@@ -10,9 +10,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, gRPCOptions
 
-from deployments.config import AppConfig, parse_config
+from deployments.autoscaling import replica_options
+from deployments.config import AppConfig, api_keys_from_env, parse_config
 from deployments.ingress import Ingress
+from deployments.request_router import router_deployment_options
 from deployments.router import Router
+from deployments.vision_deployment import vision_deployment
 
 GRPC_SERVICER_FUNCTIONS = [
     "deployments.protos.moe_cluster_pb2_grpc.add_MoeClusterServicer_to_server",
@@ -24,24 +27,29 @@ GRPC_SERVICER_FUNCTIONS = [
 
 def build_app(config: AppConfig) -> Application:
     router = serve.deployment(Router, name="Router").options(
-        num_replicas=config.num_router_replicas,
+        **replica_options(config, "router"),  # fixed, or autoscaled on KV use + waiting queue (config.autoscaling)
         max_ongoing_requests=config.router_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.router_num_cpus, "num_gpus": config.router_num_gpus},
         health_check_period_s=10, graceful_shutdown_timeout_s=10,
+        **router_deployment_options(config.routing),  # KV-aware routing (deployments/request_router.py)
     ).bind(config)
     ingress = serve.deployment(Ingress, name="Ingress").options(
-        num_replicas=config.num_ingress_replicas,
+        **replica_options(config, "ingress"),  # fixed, or autoscaled on ongoing requests
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         graceful_shutdown_timeout_s=10,
     )
-    return ingress.bind(router, config)
+    return ingress.bind(router, config, vision_deployment(config))
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    return build_app(parse_config(dict(args)))
+    """Serve config files; without `api_keys` in the args, keys come from MOE_CLUSTER_API_KEYS."""
+    args = dict(args)
+    if not args.get("api_keys"):
+        args["api_keys"] = list(api_keys_from_env())
+    return build_app(parse_config(args))
 
 
 def grpc_options(config: AppConfig) -> gRPCOptions:

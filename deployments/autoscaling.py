@@ -30,10 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 if TYPE_CHECKING:
-    from cluster.stats import EngineStats
+    from cluster.stats import EngineStats, KVLoad
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,10 +47,16 @@ EXCHANGE_LATENCY_KEY = "exchange_latency_s"  # router: mean seconds of one MoE l
 POLICY_MODULE = __name__
 
 
-def router_autoscaling_stats(stats: EngineStats) -> dict[str, float]:
-    """What `Router.record_autoscaling_stats()` returns, from the engine's snapshot."""
-    return {KV_USAGE_KEY: float(stats.kv_usage), WAITING_KEY: float(stats.num_waiting),
-            RUNNING_KEY: float(stats.num_running)}
+def router_autoscaling_stats(stats: EngineStats | KVLoad) -> dict[str, float]:
+    """What `Router.record_autoscaling_stats()` returns: KV blocks used / total, waiting and running
+    sequences, from the engine's snapshot (`EngineStats`) or from the KV load the engine loop
+    publishes after every change (`KVLoad`, read without waiting for a step)."""
+    if hasattr(stats, "kv_usage"):
+        kv_usage = float(stats.kv_usage)
+    else:
+        total = stats.total_blocks
+        kv_usage = (total - stats.free_blocks) / total if total else 0.0
+    return {KV_USAGE_KEY: kv_usage, WAITING_KEY: float(stats.num_waiting), RUNNING_KEY: float(stats.num_running)}
 
 
 class ExpertLoadMeter:
@@ -361,17 +367,35 @@ class _Delays(BaseModel):
     upscale_delay_s: NonNegativeFloat = 10.0
     downscale_delay_s: NonNegativeFloat = 120.0
     look_back_period_s: PositiveFloat = 15.0
+    metrics_interval_s: PositiveFloat | None = Field(
+        None, description="how often replicas and handles report their stats to the controller (Serve's "
+                          "`metrics_interval_s`, 10 s when unset; Serve 2.60 marks it deprecated but reads no "
+                          "other setting); below look_back_period_s")
+
+    @model_validator(mode="after")
+    def _intervals(self) -> _Delays:
+        if self.metrics_interval_s is not None and self.metrics_interval_s >= self.look_back_period_s:
+            raise ValueError(f"metrics_interval_s ({self.metrics_interval_s}) must be under look_back_period_s "
+                             f"({self.look_back_period_s})")
+        return self
 
 
-class IngressScaling(_Delays):
+class _Replicas(_Delays):
     min_replicas: PositiveInt = 1
     max_replicas: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _bounds(self) -> _Replicas:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class IngressScaling(_Replicas):
     target_ongoing_requests: PositiveFloat = 32.0
 
 
-class RouterScaling(_Delays):
-    min_replicas: PositiveInt = 1
-    max_replicas: PositiveInt = 4
+class RouterScaling(_Replicas):
     target_kv_usage: float = Field(0.75, gt=0, le=1)
     target_waiting: PositiveFloat = 2.0
     kv_usage_low: float | None = Field(None, ge=0, le=1)
@@ -386,6 +410,12 @@ class ExpertGroupScaling(_Delays):
     target_expert_load: PositiveFloat | None = Field(None, description="routed assignments per second per shard")
     target_exchange_latency_s: PositiveFloat | None = 0.05
     low_ratio: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ExpertGroupScaling:
+        if self.min_groups > self.max_groups:
+            raise ValueError(f"min_groups ({self.min_groups}) is above max_groups ({self.max_groups})")
+        return self
 
 
 class AutoscalingSettings(BaseModel):
@@ -438,17 +468,50 @@ class AutoscalingSettings(BaseModel):
             raise ValueError("no expert-group autoscaling configured (autoscaling.experts)")
         return self.experts
 
+    def check_app(self, fields_set: set[str], num_ingress_replicas: int, num_router_replicas: int) -> None:
+        """What an AppConfig with these settings must hold (ValueError otherwise): replica counts
+        given explicitly are the initial replicas and lie within the bounds; `experts` waits for an
+        expert-shard Serve deployment (the application-level policy sizes routers and that
+        deployment together; today each router replica owns its shards, so routers are the units)."""
+        if self.experts is not None:
+            raise ValueError("autoscaling.experts (ExpertGroupAutoscalingPolicy) applies once the application has "
+                             "an expert-shard Serve deployment; with the local, ray and deepspeed transports the "
+                             "router policy (autoscaling.router) scales the routers, and under deepspeed each "
+                             "router replica brings its own group of shards, so groups scale as whole units")
+        for name, value, s in (("num_ingress_replicas", num_ingress_replicas, self.ingress),
+                               ("num_router_replicas", num_router_replicas, self.router)):
+            if name in fields_set and not s.min_replicas <= value <= s.max_replicas:
+                raise ValueError(f"{name} ({value}) is the initial replica count under autoscaling and must lie "
+                                 f"within [{s.min_replicas}, {s.max_replicas}]")
+
+
+def replica_options(config: Any, deployment: str) -> dict[str, Any]:
+    """Serve deployment options that size `deployment` ("ingress" or "router") of an AppConfig: a
+    fixed `num_replicas` (`num_<deployment>_replicas`) without `config.autoscaling`; else its
+    `autoscaling_config`, starting at `num_<deployment>_replicas` when that is set explicitly."""
+    field = f"num_{deployment}_replicas"
+    settings: AutoscalingSettings | None = config.autoscaling
+    if settings is None:
+        return {"num_replicas": getattr(config, field)}
+    scaling = settings.ingress_config() if deployment == "ingress" else settings.router_config()
+    if field in config.model_fields_set:
+        scaling["initial_replicas"] = getattr(config, field)
+    return {"autoscaling_config": scaling}
+
 
 def _common(s: _Delays) -> dict[str, Any]:
     # Factors of 1: Serve then never rounds a whole-group decision to a partial one.
-    return {"upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
-            "look_back_period_s": s.look_back_period_s,
-            "upscaling_factor": 1.0, "downscaling_factor": 1.0}
+    out: dict[str, Any] = {"upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+                           "look_back_period_s": s.look_back_period_s,
+                           "upscaling_factor": 1.0, "downscaling_factor": 1.0}
+    if s.metrics_interval_s is not None:
+        out["metrics_interval_s"] = s.metrics_interval_s
+    return out
 
 
 __all__ = [
     "EXCHANGE_LATENCY_KEY", "EXPERT_LOAD_KEY", "KV_USAGE_KEY", "RUNNING_KEY", "WAITING_KEY", "AutoscalingSettings",
     "ExpertGroupAutoscalingPolicy", "ExpertGroupScaling", "ExpertLoadMeter", "ExpertShardAutoscalingPolicy",
-    "IngressScaling", "RouterAutoscalingPolicy", "RouterScaling", "Signal", "decide_units",
+    "IngressScaling", "RouterAutoscalingPolicy", "RouterScaling", "Signal", "decide_units", "replica_options",
     "router_autoscaling_stats",
 ]

@@ -7,25 +7,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from cluster.sequence import RequestOutput
 from deployments.api_errors import to_api_error
+from deployments.instrumentation import observe_stream
 from deployments.request import GenerateRequest
 
 
 class EngineStream:
-    def __init__(self, generator: object, retry_after_s: int) -> None:
+    def __init__(self, generator: object, retry_after_s: int, on_close: Callable[[], None] | None = None) -> None:
         self._gen = generator  # a Serve DeploymentResponseGenerator
         self._first: RequestOutput | None = None
         self._retry_after_s = retry_after_s
+        self._on_close = on_close  # runs once, when the stream finishes or is cancelled
         self._done = False
+
+    def _finish(self) -> None:
+        self._done = True
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     async def prime(self) -> None:
         try:
             self._first = await self._gen.__anext__()
         except StopAsyncIteration:
-            self._done = True
+            self._finish()
             raise to_api_error(RuntimeError("the engine ended a request without output")) from None
         except BaseException as exc:
             self.cancel()  # a refused request is gone already; a cancelled caller must not leave it running
@@ -39,17 +47,17 @@ class EngineStream:
                 first, self._first = self._first, None
                 yield first
                 if first.finished:
-                    self._done = True
+                    self._finish()
                     return
             try:
                 async for out in self._gen:
                     yield out
                     if out.finished:
-                        self._done = True
+                        self._finish()
                         return
             except Exception as exc:
                 raise to_api_error(exc, self._retry_after_s) from None
-            self._done = True
+            self._finish()
         finally:
             if not self._done:
                 self.cancel()
@@ -59,7 +67,7 @@ class EngineStream:
         replica, whose generator then aborts the request."""
         if self._done:
             return
-        self._done = True
+        self._finish()
         with contextlib.suppress(Exception):
             self._gen.cancel()
 
@@ -69,10 +77,14 @@ class EngineClient:
         self._router = router  # DeploymentHandle of the Router deployment
         self._retry_after_s = retry_after_s
 
-    async def open(self, requests: Sequence[GenerateRequest]) -> list[EngineStream]:
-        """Starts every request, waits for each one's first output; on any failure cancels all."""
-        streams = [EngineStream(self._router.options(stream=True).generate.remote(r), self._retry_after_s)
-                   for r in requests]
+    async def open(self, requests: Sequence[GenerateRequest],
+                   on_close: Sequence[Callable[[], None]] | None = None) -> list[EngineStream]:
+        """Starts every request, waits for each one's first output; on any failure cancels all.
+        `on_close[i]` runs once when stream i finishes or is cancelled."""
+        closers = list(on_close) if on_close is not None else [None] * len(requests)
+        streams = [EngineStream(observe_stream(self._router.options(stream=True).generate.remote(r)),  # metrics
+                                self._retry_after_s, c)
+                   for r, c in zip(requests, closers, strict=True)]
         try:
             await asyncio.gather(*(s.prime() for s in streams))
         except BaseException:

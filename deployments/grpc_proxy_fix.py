@@ -13,15 +13,22 @@ before it finished, which happens as soon as the abandoned generator is closed. 
 by listing `add_stream_cancellation_to_server` among Serve's `grpc_servicer_functions`, the one
 hook that runs inside the proxy process; it adds no service. If Serve's internals differ from the
 version this was written against, it logs a warning and changes nothing.
+
+The same hook also forwards the client's deadline: Serve copies only the call's metadata to the
+replica, so the proxy adds `x-moe-cluster-deadline` (the deadline as Unix seconds) to the context
+it sends, which lets the ingress count a call that ended at its deadline as such
+(`ray_moe_cluster_aborts_total{cause="deadline"}`) rather than as a client cancel.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
 _installed = False
+DEADLINE_METADATA = "x-moe-cluster-deadline"  # deployments.instrumentation reads it
 
 
 def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:
@@ -51,4 +58,31 @@ def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:
                 logger.debug("cancelling an abandoned gRPC stream failed", exc_info=True)
 
     proxy.ProxyResponseGenerator = CancelOnDropResponseGenerator
+    _forward_deadlines()
     _installed = True
+
+
+def _forward_deadlines() -> None:
+    try:
+        from ray.serve._private import proxy_request_response as prr
+    except ImportError as exc:
+        logger.warning("gRPC deadline forwarding not installed: %s", exc)
+        return
+    make_context = getattr(prr, "RayServegRPCContext", None)
+    if make_context is None:
+        logger.warning("gRPC deadline forwarding not installed: unexpected Serve proxy internals")
+        return
+
+    def context_with_deadline(grpc_context: Any) -> Any:
+        context = make_context(grpc_context)
+        try:
+            remaining = grpc_context.time_remaining()
+            if remaining is not None and hasattr(context, "_invocation_metadata"):
+                deadline = f"{time.time() + remaining:.3f}"
+                context._invocation_metadata.append((DEADLINE_METADATA, deadline))
+                context._invocation_metadata_dict[DEADLINE_METADATA] = deadline
+        except Exception:  # noqa: BLE001 - never fail a call over its deadline's metadata
+            logger.debug("forwarding a gRPC deadline failed", exc_info=True)
+        return context
+
+    prr.RayServegRPCContext = context_with_deadline

@@ -24,6 +24,7 @@ from deployments.grpc_convert import (
     generate_deltas,
     generate_whole,
 )
+from deployments.instrumentation import observe_grpc
 from deployments.openai_chat import start_chat
 from deployments.openai_completions import start_completion
 from deployments.protos import moe_cluster_pb2 as pb
@@ -85,12 +86,14 @@ class GrpcMethods:
 
     # -- MoeCluster --------------------------------------------------------------------------
 
+    @observe_grpc  # status counts; generation calls tracked (deployments/instrumentation.py)
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         async def run() -> pb.GenerateResponse:
             job = await start_completion(self.core, completion_body(request))
             return await generate_whole(job)
         return await self._unary(request, grpc_context, run, pb.GenerateResponse())
 
+    @observe_grpc
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any  # noqa: N802
                              ) -> AsyncIterator[pb.GenerateResponse]:
         async def run() -> AsyncIterator[pb.GenerateResponse]:
@@ -100,12 +103,14 @@ class GrpcMethods:
         async for message in self._stream(request, grpc_context, run):
             yield message
 
+    @observe_grpc
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> pb.ChatResponse:  # noqa: N802
         async def run() -> pb.ChatResponse:
             job = await start_chat(self.core, chat_body(request))
             return await chat_whole(job)
         return await self._unary(request, grpc_context, run, pb.ChatResponse())
 
+    @observe_grpc
     async def ChatStream(self, request: pb.ChatRequest, grpc_context: Any  # noqa: N802
                          ) -> AsyncIterator[pb.ChatResponse]:
         async def run() -> AsyncIterator[pb.ChatResponse]:
@@ -115,6 +120,7 @@ class GrpcMethods:
         async for message in self._stream(request, grpc_context, run):
             yield message
 
+    @observe_grpc
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any  # noqa: N802
                          ) -> pb.ListModelsResponse:
         async def run() -> pb.ListModelsResponse:
@@ -131,6 +137,7 @@ class GrpcMethods:
         serving = await self.core.ready()
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
+    @observe_grpc
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any  # noqa: N802
                     ) -> health_pb2.HealthCheckResponse:
         status = await self._health(request.service)
@@ -140,12 +147,14 @@ class GrpcMethods:
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=status)
 
+    @observe_grpc
     async def List(self, request: health_pb2.HealthListRequest, grpc_context: Any  # noqa: N802
                    ) -> health_pb2.HealthListResponse:
         status = await self._health("")
         return health_pb2.HealthListResponse(statuses={
             name: health_pb2.HealthCheckResponse(status=status) for name in ("", SERVICE_NAME)})
 
+    @observe_grpc
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any  # noqa: N802
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last = None

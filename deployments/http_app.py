@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.api_errors import APIError, BadRequest, to_api_error
 from deployments.config import AppConfig
 from deployments.http_guards import GuardMiddleware
+from deployments.instrumentation import HttpMetricsMiddleware
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest, parse_body
 from deployments.openai_chat import start_chat
 from deployments.openai_completions import Job, start_completion
@@ -48,6 +49,8 @@ def error_response(error: APIError) -> JSONResponse:
 def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> FastAPI:
     app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for Mistral Small 4 (MoE)")
     app.add_middleware(GuardMiddleware, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, deadline_s=config.request_timeout_s,  # outermost: sees every status
+                       get_tool_calls_id=lambda: get_core().tokenizer.tool_calls_id)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

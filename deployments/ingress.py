@@ -14,9 +14,17 @@ from deployments.service import IngressCore
 
 @serve.ingress()
 class Ingress(GrpcMethods):
-    def __init__(self, router: object, config: AppConfig) -> None:
+    def __init__(self, router: object, config: AppConfig, vision: object | None = None) -> None:
         self.config = config
-        self.core = IngressCore(router, config)
+        self.core = IngressCore(router, config, vision)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(lambda: self.core, self.config)
+
+    def process_stats(self) -> dict[str, int]:
+        """This replica's memory (RSS, peak RSS), decoded image pixels held and prompt tokens in
+        flight, through a DeploymentHandle (`serve.get_app_handle(app).process_stats.remote()`)."""
+        from deployments.images import memory_stats
+
+        return {**memory_stats(), "image_pixels_held": self.core.images.budget.used,
+                "prompt_tokens_in_flight": self.core.prompt_budget.used}

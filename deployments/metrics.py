@@ -144,9 +144,11 @@ METRICS: tuple[MetricDef, ...] = (
     _m("vision_encoder_seconds", "histogram", "One vision encoder batch (all images of the batch).",
        buckets=VISION_BUCKETS, recorder="vision"),
     # API.
-    _m("http_responses_total", "counter", "HTTP responses by route template and status code.",
-       tags=("route", "code"), recorder="ingress"),
-    _m("grpc_responses_total", "counter", "gRPC calls by method and status code name.",
+    _m("http_responses_total", "counter",
+       "HTTP responses by route template (`<unmatched>`: no route) and status code (499: the client left "
+       "before a response started).", tags=("route", "code"), recorder="ingress"),
+    _m("grpc_responses_total", "counter",
+       "gRPC calls by method and status code name (DEADLINE_EXCEEDED: cancelled at the client's deadline).",
        tags=("method", "code"), recorder="ingress"),
     # Autoscaling (recorded by the project's policies in the Serve controller).
     _m("autoscaling_wanted_replicas", "gauge",
@@ -432,29 +434,65 @@ def imbalance_ratio(tokens: Sequence[float]) -> float | None:
 
 class TimedDispatcher:
     """Wraps an expert `Dispatcher` (duck-typed: everything is delegated) so that each MoE layer's
-    exchange is observed: `engine.dispatcher = TimedDispatcher(engine.dispatcher, expert_metrics)`."""
+    exchange is observed: `engine.dispatcher = TimedDispatcher(engine.dispatcher, expert_metrics)`.
+    `healthy` is the outcome of the latest exchange (False from a failed one until one succeeds)."""
 
     def __init__(self, inner: Any, metrics: ExpertMetrics, clock: Callable[[], float] = time.perf_counter) -> None:
         self.inner = inner
         self._metrics = metrics
         self._clock = clock
+        self.healthy = True
 
     def dispatch(self, *args: Any, **kwargs: Any) -> Any:
         start = self._clock()
         try:
-            return self.inner.dispatch(*args, **kwargs)
+            out = self.inner.dispatch(*args, **kwargs)
+        except BaseException:
+            self.healthy = False
+            raise
         finally:
             self._metrics.observe_exchange(self._clock() - start)
+        self.healthy = True
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
+def shard_health(dispatcher: Any, ping_timeout_s: float = 2.0) -> dict[int, bool] | None:
+    """Expert shard health per rank as a router's dispatcher sees it, or None where the transport
+    has no shards of its own (`local`: the experts live in the router process):
+    `dispatcher.shard_health()` if it has one; Ray actor shards (`shards`, each with `ping`) that
+    answer a ping within `ping_timeout_s`; else the ranks of its placement, up while its latest
+    exchange succeeded (`TimedDispatcher.healthy`; the DeepSpeed transport)."""
+    report = getattr(dispatcher, "shard_health", None)
+    if callable(report):
+        return {int(rank): bool(up) for rank, up in dict(report()).items()}
+    healthy = bool(getattr(dispatcher, "healthy", True))
+    shards = getattr(dispatcher, "shards", None)
+    if shards and all(hasattr(getattr(s, "ping", None), "remote") for s in shards):
+        import ray
+
+        refs = [s.ping.remote() for s in shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ping_timeout_s)
+        health = {}
+        for rank, ref in enumerate(refs):
+            try:
+                health[rank] = ref in ready and bool(ray.get(ref, timeout=0))
+            except Exception:  # noqa: BLE001 - a dead actor or a failed ping: down
+                health[rank] = False
+        return health
+    ranks = getattr(getattr(dispatcher, "placement", None), "num_ranks", None)
+    if shards is None and isinstance(ranks, int) and ranks > 0:
+        return dict.fromkeys(range(ranks), healthy)
+    return None
+
+
 class RouterMetrics:
     """Everything a router replica exports from its engine, polled: `poll(engine)` reads
-    `engine.stats()`, `engine.counters.reforms` and `engine.dispatcher.token_counts()` (an
-    `LLMEngine`; each part optional) and records them; `start(engine)` polls on a daemon thread
-    every `interval_s` until `stop()`."""
+    `engine.stats()`, `engine.counters.reforms`, `engine.dispatcher.token_counts()` and the shard
+    health (`shard_health`) of `engine.dispatcher` (an `LLMEngine`; each part optional) and records
+    them; `start(engine)` polls on a daemon thread every `interval_s` until `stop()`."""
 
     def __init__(self, metrics: MetricSet | None = None, transport: str = "local", per_expert: bool = True) -> None:
         self.metrics = metrics or default_metric_set()
@@ -472,6 +510,9 @@ class RouterMetrics:
         dispatcher = getattr(engine, "dispatcher", None)
         if dispatcher is not None and hasattr(dispatcher, "token_counts"):
             self.experts.observe_token_counts(dispatcher.token_counts())
+        health = shard_health(dispatcher) if dispatcher is not None else None
+        if health:
+            self.experts.set_shards_health(health)
         return stats
 
     def start(self, engine: Any, interval_s: float = 5.0) -> None:

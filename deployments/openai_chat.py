@@ -144,15 +144,18 @@ def _delta_json(delta: ChatDelta) -> dict[str, Any]:
 async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     body.unsupported()
     info = await core.check_model(body.model)
-    # Off the event loop: templating, tokenizing and decoding images take a while.
-    encoded = await asyncio.to_thread(core.encode_chat, body.messages, prompt_tools(body), body.reasoning_effort)
-    if encoded.images and not info.has_vision:
-        raise BadRequest(f"{info.name} takes no images", "messages")
+    # Images are fetched, checked and decoded by the ingress (deployments/images.py); mistral-common
+    # resizes them by the Pixtral rules while encoding, off the event loop (templating and
+    # tokenizing take a while too); the decoded pixels are let go once encoded.
+    no_images = None if info.has_vision and core.vision.available else info.name
+    async with core.images.decoded(body.messages, no_images) as (messages, _):
+        encoded = await asyncio.to_thread(core.encode_chat, messages, prompt_tools(body), body.reasoning_effort)
     prompt = list(encoded.token_ids)
     core.check_prompt(prompt, info, "messages")
     core.check_n(body.n, 1)
     max_tokens = core.max_tokens(body.requested_max_tokens, [len(prompt)], info, core.config.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = core.sampling_params(body, max_tokens, logprobs)
-    rid, streams = await core.start("chatcmpl", [prompt], params, body.n, encoded.images)
+    images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
+    rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages")
     return ChatJob(core, body, rid, streams, prompt, info.name)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from cluster.sampling_params import SamplingParams
+from cluster.sequence import ImageRows
 
 
 @dataclass(frozen=True)
@@ -15,7 +14,9 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    images: tuple[np.ndarray, ...] = ()  # preprocessed [C, H, W] images, in prompt order
+    # the prompt's image embeddings and the [IMG] positions they fill, from the VisionEncoder
+    # deployment (each choice of a request carries its own copy)
+    images: ImageRows | None = None
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,18 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from cluster.config import load_model_config
 from cluster.errors import RequestError
 from cluster.sampling_params import SamplingParams
+from cluster.sequence import ImageRows
 from cluster.tokenizer import EncodedChat, InvalidChatRequestError, Tokenizer
-from deployments.admission import Admission
+from deployments.admission import Admission, TokenBudget
 from deployments.api_errors import BadRequest, NotFound, Unavailable, request_error
 from deployments.config import AppConfig, resolve_model_dir
 from deployments.engine_client import EngineClient, EngineStream, new_request_id
+from deployments.images import ImagePipeline
 from deployments.request import GenerateRequest, ModelInfo
+from deployments.vision_deployment import VisionClient
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,12 +28,16 @@ READY_TIMEOUT_S = 2.0
 
 
 class IngressCore:
-    def __init__(self, router: object, config: AppConfig) -> None:
+    def __init__(self, router: object, config: AppConfig, vision: object | None = None) -> None:
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
         self.engine = EngineClient(router, config.retry_after_s)
         self.admission = Admission(config.max_ongoing_requests, config.retry_after_s)
+        self.prompt_budget = TokenBudget(config.prompt_token_budget, config.retry_after_s)
+        self.images = ImagePipeline(config.images, _vision_metrics())
+        self.vision = VisionClient(vision, config.vision.timeout_s)
+        self.image_token_id = load_model_config(self.model_dir).image_token_id
         self._info: ModelInfo | None = None
 
     # -- readiness ---------------------------------------------------------------------------
@@ -131,10 +139,39 @@ class IngressCore:
         if n * prompts > self.config.max_n:
             raise BadRequest(f"n x prompts is {n * prompts}; the limit is {self.config.max_n}", "n")
 
+    async def embed_images(self, token_ids: Sequence[int], images: Sequence[Any]) -> ImageRows | None:
+        """The prompt's image embeddings (from the VisionEncoder deployment, batched with other
+        requests' images) placed on its [IMG] tokens; None without images."""
+        if not images:
+            return None
+        from cluster.vision import image_rows  # torch: imported on the first image
+
+        embeds = await self.vision.encode(images)
+        try:
+            return image_rows(token_ids, embeds, self.image_token_id, self.tokenizer.img_end_id)
+        except RequestError as exc:
+            raise request_error(exc, "messages") from None
+
     async def start(self, prefix: str, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                    images: Sequence[Any] = ()) -> tuple[str, list[EngineStream]]:
-        """Opens n streams per prompt (choice index = prompt * n + j, as vLLM numbers them)."""
+                    images: ImageRows | None = None, param: str = "prompt") -> tuple[str, list[EngineStream]]:
+        """Opens n streams per prompt (choice index = prompt * n + j, as vLLM numbers them), within
+        the replica's prompt token budget (each stream gives its tokens back when it ends)."""
         rid = new_request_id(prefix)
-        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), params, tuple(images))
+        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), params, images)
                     for i, p in enumerate(prompts) for j in range(n)]
-        return rid, await self.engine.open(requests)
+        releases = self.prompt_budget.take([len(r.prompt_token_ids) for r in requests], param)
+        try:
+            return rid, await self.engine.open(requests, releases)
+        except BaseException:
+            for release in releases:
+                release()
+            raise
+
+
+def _vision_metrics() -> Any:
+    try:
+        from deployments.metrics import VisionMetrics
+
+        return VisionMetrics()
+    except Exception:  # noqa: BLE001 - metrics are optional
+        return None

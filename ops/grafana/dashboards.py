@@ -124,8 +124,9 @@ def serving_overview() -> Board:
     b.panel("Aborts / s", [
         q(f"sum by (cause) (rate(ray_moe_cluster_aborts_total{{{APP}}}[{RI}]))", "{{cause}}")], unit="reqps",
         description="Requests ended before completion: client gone, deadline passed, error.")
+    # `or vector(0)`: no 5xx at all is a ratio of 0, not an empty panel.
     b.panel("Server error ratio", [
-        q(f'sum(rate(ray_moe_cluster_http_responses_total{{{APP},code=~"5.."}}[{RI}])) '
+        q(f'(sum(rate(ray_moe_cluster_http_responses_total{{{APP},code=~"5.."}}[{RI}])) or vector(0)) '
           f"/ sum(rate(ray_moe_cluster_http_responses_total{{{APP}}}[{RI}]))", "HTTP 5xx")],
         unit="percentunit", min=0)
     b.panel("Serve replicas healthy", [

@@ -18,8 +18,12 @@ from tests.e2e.support import (
     GRPC_PROXY_MAX,
     KEY,
     LIMIT,
+    LIMITS_ENGINE,
+    MAIN_IMAGES,
+    MAIN_VISION,
     MAX_BODY,
     MAX_MODEL_LEN,
+    ROUTING_ENGINE,
     Server,
     free_port,
     scripts,
@@ -56,12 +60,18 @@ def server(tiny_ckpt, make_ckpt) -> Server:
     common = dict(api_keys=[KEY], http_port=http_port, grpc_port=grpc_port, grpc_reflection=True,
                   ingress_num_cpus=0, router_num_cpus=0, max_body_bytes=MAX_BODY,
                   grpc_max_message_bytes=GRPC_APP_MAX, engine={"max_model_len": MAX_MODEL_LEN})
+    no_vision = {"num_replicas": 0}
     apps = {
-        "main": AppConfig(model=str(dirs["main"]), app_name="main", route_prefix="/", **common),
-        "think": AppConfig(model=str(dirs["think"]), app_name="think", route_prefix="/think", **common),
-        "tool": AppConfig(model=str(dirs["tool"]), app_name="tool", route_prefix="/tool", **common),
+        "main": AppConfig(model=str(dirs["main"]), app_name="main", route_prefix="/", images=MAIN_IMAGES,
+                          vision=MAIN_VISION, **common),
+        "think": AppConfig(model=str(dirs["think"]), app_name="think", route_prefix="/think", vision=no_vision,
+                           **common),
+        "tool": AppConfig(model=str(dirs["tool"]), app_name="tool", route_prefix="/tool", vision=no_vision, **common),
         "limits": AppConfig(model=str(dirs["limits"]), app_name="limits", route_prefix="/limits",
-                            max_ongoing_requests=LIMIT, max_queued_requests=LIMIT, **common),
+                            max_ongoing_requests=LIMIT, max_queued_requests=LIMIT, vision=no_vision,
+                            **{**common, "engine": LIMITS_ENGINE}),
+        "routing": AppConfig(model=str(dirs["main"]), app_name="routing", route_prefix="/routing", vision=no_vision,
+                             num_router_replicas=2, **{**common, "engine": ROUTING_ENGINE}),
     }
     _running.append(launch.stop)
     try:

@@ -6,7 +6,12 @@ applications side by side (route prefixes over HTTP, the `application` metadata 
 - main   (/)        the tiny checkpoint: OpenAI API, parity, bad input, cancellation
 - think  (/think)   scripted: `[THINK]Let me think[/THINK]The answer`
 - tool   (/tool)    scripted: `[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}`
-- limits (/limits)  the tiny checkpoint with 2 requests in flight at most: backpressure
+- limits (/limits)  the tiny checkpoint with 2 requests in flight at most: backpressure; small
+                    prefill chunks (long prompts beside a decoding stream)
+- routing (/routing) the tiny checkpoint on two router replicas with small KV pools: KV-aware routing
+
+Only `main` runs a VisionEncoder deployment (batching window widened so that two concurrent
+requests share a batch); its image URLs may come from 127.0.0.1 (a test server) only.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ MAX_BODY = 256 * 1024
 GRPC_PROXY_MAX = 1024 * 1024  # the proxy's transport limit
 GRPC_APP_MAX = 512 * 1024  # each app's own check, below the proxy's
 LIMIT = 2  # max_ongoing_requests of the limits app
+LIMITS_ENGINE = {"max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": 64}
+ROUTING_ENGINE = {"max_model_len": 4096, "num_kv_blocks": 320}  # one long prompt is 30% of a replica's KV
+MAX_IMAGES = 2
+MAX_IMAGE_BYTES = 100_000
+MAIN_IMAGES = {"max_images_per_request": MAX_IMAGES, "max_image_bytes": MAX_IMAGE_BYTES,
+               "allowed_hosts": ["127.0.0.1", "169.254.169.254"], "allowed_networks": ["127.0.0.1/32"]}
+MAIN_VISION = {"num_cpus": 0, "batch_wait_s": 0.5}
 THINK_TEXT, ANSWER_TEXT = "Let me think", "The answer"
 TOOL_NAME, TOOL_ARGS = "get_weather", '{"city": "Paris"}'
 

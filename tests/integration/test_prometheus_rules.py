@@ -9,41 +9,34 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from deployments.metrics import exported_series
-
-ROOT = Path(__file__).resolve().parents[2]
-PROM = ROOT / "ops" / "prometheus"
-GRAFANA = ROOT / "ops" / "grafana"
-RULES = sorted((PROM / "rules").glob("*.yml"))
-RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
-DASHBOARDS = sorted(GRAFANA.glob("*.json"))
-PROJECT_SERIES = re.compile(r"\b(ray_moe_cluster_[a-z0-9_]+|ray_serve_[a-z0-9_]+)")
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    assert found, (f"{name} is missing: install Debian's prometheus package "
-                   "(scripts/test.sh does: apt-get install -y prometheus)")
-    return found
-
-
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+from tests.integration.prom_support import (
+    DASHBOARDS,
+    GRAFANA,
+    PROJECT_SERIES,
+    PROM,
+    ROOT,
+    RULE_TESTS,
+    RULES,
+    free_port,
+    known,
+    panels,
+    prom_query,
+    queries,
+    run,
+    start_prometheus,
+    stop_process,
+    substitute,
+    tool,
+)
 
 
 def test_promtool_check_config():
@@ -85,46 +78,16 @@ def test_every_alert_has_a_firing_unit_test_and_a_runbook():
             assert (ROOT / r["annotations"]["runbook"]).exists(), r["alert"]
 
 
-def _known(name: str) -> bool:
-    return not name.startswith("ray_moe_cluster_") or name in exported_series()
-
-
 def test_rules_name_existing_series():
     for r in _rules():
         names = PROJECT_SERIES.findall(r["expr"])
-        unknown = [n for n in names if not _known(n)]
+        unknown = [n for n in names if not known(n)]
         assert not unknown, f"{r.get('record') or r.get('alert')}: unknown series {unknown}"
 
 
 # --------------------------------------------------------------------------------------------
 # Dashboards
 # --------------------------------------------------------------------------------------------
-
-GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "30s", "__range": "5m", "__range_s": "300",
-                "__interval_ms": "30000", "application": ".*", "datasource": "prometheus"}
-
-
-def substitute(expr: str) -> str:
-    def repl(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        assert name in GRAFANA_VARS, f"unknown Grafana variable {name} in {expr}"
-        return GRAFANA_VARS[name]
-
-    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
-
-
-def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for p in dashboard["panels"]:
-        out += panels(p) if p.get("type") == "row" and p.get("panels") else ([] if p.get("type") == "row" else [p])
-    return out
-
-
-def queries(path: Path) -> list[tuple[str, str]]:
-    board = json.loads(path.read_text())
-    return [(f"{path.stem}: {p['title']} [{t['refId']}]", substitute(t["expr"]))
-            for p in panels(board) for t in p.get("targets", [])]
-
 
 def test_dashboards_are_generated_and_well_formed():
     out = run(sys.executable, str(GRAFANA / "dashboards.py"), "--check")
@@ -154,7 +117,7 @@ def test_every_panel_query_parses_and_names_a_project_series(tmp_path):
     for where, expr in all_queries:
         names = PROJECT_SERIES.findall(expr)
         assert names, f"{where} names no ray_moe_cluster_* / ray_serve_* series: {expr}"
-        assert all(_known(n) for n in names), f"{where}: unknown series in {expr}"
+        assert all(known(n) for n in names), f"{where}: unknown series in {expr}"
 
 
 def test_substitution_is_strict():
@@ -167,36 +130,11 @@ def test_substitution_is_strict():
 # A real Prometheus against a real Ray cluster
 # --------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prom_query(port: int, expr: str) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:  # 400: the query does not parse
-        return json.load(exc)
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def live_prometheus(tmp_path_factory):
     """Ray (metrics_demo.py, its own local cluster in a subprocess) + Prometheus scraping it."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    metrics_port, web_port = free_port(), free_port()
+    metrics_port = free_port()
     demo = subprocess.Popen([sys.executable, str(PROM / "metrics_demo.py"), "--metrics-port", str(metrics_port),
                              "--seconds", "400"], stdout=subprocess.PIPE, stderr=open(tmp / "demo.log", "w"),
                             text=True, env={**os.environ, "RAY_ADDRESS": ""})
@@ -204,14 +142,7 @@ def live_prometheus(tmp_path_factory):
     try:
         line = demo.stdout.readline()
         assert line.startswith("ready"), f"metrics demo failed: {(tmp / 'demo.log').read_text()[-3000:]}"
-        config = yaml.safe_load((PROM / "prometheus.yml").read_text())
-        config["global"].update(scrape_interval="2s", evaluation_interval="2s")
-        config["rule_files"] = [str(f) for f in RULES]
-        config["scrape_configs"] = [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom = subprocess.Popen([tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{web_port}"],
-                                stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"))
+        prom, web_port = start_prometheus(tmp, [f"127.0.0.1:{metrics_port}"])
         # Ray exports every ~10 s; wait until the slowest families (the policies', from the Serve
         # controller) have two samples in a rate window.
         deadline = time.monotonic() + 180
@@ -231,8 +162,8 @@ def live_prometheus(tmp_path_factory):
         yield web_port
     finally:
         if prom is not None:
-            _stop(prom)
-        _stop(demo)
+            stop_process(prom)
+        stop_process(demo)
 
 
 @pytest.mark.slow

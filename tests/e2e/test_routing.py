@@ -1,0 +1,137 @@
+"""Long context at the serving level: KV-aware routing between two router replicas (the `routing`
+app), and a long prompt prefilled in chunks beside a decoding stream (the `limits` app, 64-token
+steps)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx2 as httpx
+
+from tests.e2e.support import ROUTING_ENGINE
+
+LONG_PROMPT = [1] + list(range(2000, 3500))  # 1501 tokens: 94 of the replica's KV blocks
+
+
+def router_replicas(app: str = "routing") -> list:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#Router#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return [ray.get_actor(n, namespace="serve") for n in names]
+
+
+def reports(actors: list) -> dict[str, dict]:
+    """Each replica's own routing report, asked of the replica actor directly: the ground truth."""
+    import ray
+
+    out = {}
+    for actor in actors:
+        r = ray.get(actor.record_routing_stats.remote(), timeout=30)
+        out[r["replica"]] = r
+    return out
+
+
+class Streamer(threading.Thread):
+    """A streamed completion read in the background; `tokens` holds each token's arrival time."""
+
+    def __init__(self, url: str, headers: dict, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers, self.body = url, headers, {**body, "stream": True}
+        self.tokens: list[float] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, headers=self.headers, timeout=120) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if self.stop.is_set():
+                        return  # leaving the stream cancels the request
+                    if line.startswith("data: {"):
+                        if json.loads(line[6:])["choices"]:
+                            self.tokens.append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def wait_tokens(self, n: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.tokens) < n:
+            assert self.error is None, self.error
+            assert time.monotonic() < deadline, f"{len(self.tokens)} tokens after {timeout_s}s"
+            time.sleep(0.02)
+
+
+def test_new_requests_avoid_the_replica_holding_a_long_prompt(server):
+    """One replica holds a long prompt (1 request, 94 KV blocks), the other two short streams (2
+    requests, a few blocks): new requests go to the one with more free KV blocks although it has
+    more requests in flight (where Serve's default, the shorter queue, would send them)."""
+    actors = router_replicas()
+    assert len(actors) == 2
+    server.wait_idle("routing")
+    time.sleep(1.0)  # both replicas' reports have reached the ingress's request router
+    base = reports(actors)
+    assert len(base) == 2 and all(r["free_blocks"] == ROUTING_ENGINE["num_kv_blocks"] for r in base.values())
+    url = server.url("/v1/completions", "routing")
+    room = ROUTING_ENGINE["max_model_len"] - len(LONG_PROMPT) - 1
+    streams = [Streamer(url, server.headers, {"prompt": LONG_PROMPT, "max_tokens": room, "temperature": 0,
+                                              "ignore_eos": True})]
+    try:
+        streams[0].start()
+        streams[0].wait_tokens(2)
+        now = reports(actors)
+        holder = next(r for r, s in now.items() if s["requests"] == base[r]["requests"] + 1)
+        other = next(r for r in now if r != holder)
+        assert now[holder]["free_blocks"] < now[other]["free_blocks"] - 90
+        time.sleep(1.5)  # the holder's new report (every 0.5 s) reaches the request router
+        for i in range(2):
+            streams.append(Streamer(url, server.headers, {"prompt": f"Keep talking {i}", "max_tokens": room,
+                                                          "temperature": 0, "ignore_eos": True}))
+            streams[-1].start()
+            streams[-1].wait_tokens(2)
+        time.sleep(1.0)
+        now = reports(actors)
+        assert now[other]["requests"] - base[other]["requests"] == 2, (base, now)
+        assert now[other]["running"] == 2 and now[holder]["running"] == 1
+
+        for i in range(4):
+            r = httpx.post(url, headers=server.headers, timeout=60, json={
+                "prompt": f"Short request {i}", "max_tokens": 2, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        after = reports(actors)
+        assert all(s.is_alive() and s.error is None for s in streams)  # all still holding their KV blocks
+        assert after[holder]["requests"] - base[holder]["requests"] == 1, (base, after)
+        assert after[other]["requests"] - base[other]["requests"] == 6, (base, after)
+    finally:
+        for s in streams:
+            s.stop.set()
+        for s in streams:
+            s.join(timeout=60)
+    server.wait_idle("routing")
+
+
+def test_long_prompt_prefills_in_chunks_beside_a_decoding_stream(server):
+    """64-token steps: the 900-token prompt takes ~15 steps, and the decoding stream advances by a
+    token in each of them instead of waiting for the whole prefill."""
+    server.wait_idle("limits")
+    url = server.url("/v1/completions", "limits")
+    decoding = Streamer(url, server.headers, {"prompt": "Count with me", "max_tokens": 800, "temperature": 0,
+                                              "ignore_eos": True})
+    decoding.start()
+    try:
+        decoding.wait_tokens(5)
+        sent = time.monotonic()
+        r = httpx.post(url, headers=server.headers, timeout=120, json={
+            "prompt": [1] + list(range(3000, 3900)), "max_tokens": 1, "temperature": 0, "ignore_eos": True})
+        done = time.monotonic()
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 901, r.text
+        during = [t for t in decoding.tokens if sent <= t <= done]
+        assert decoding.is_alive() and decoding.error is None
+        assert len(during) >= 5, f"the decoding stream got {len(during)} tokens during the long prefill"
+    finally:
+        decoding.stop.set()
+        decoding.join(timeout=60)
+    server.wait_idle("limits")

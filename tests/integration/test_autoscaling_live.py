@@ -1,0 +1,140 @@
+"""Autoscaling of the real application on the session's local Ray cluster: a load of few long
+prompts fills the routers' KV cache while the ongoing requests stay far under the ingress target;
+`deployments.autoscaling:RouterAutoscalingPolicy`, fed by the routers' `record_autoscaling_stats()`,
+scales the routers up, and the end of the load scales them down again. A trickle of short requests
+runs through both changes; no request fails.
+
+Small KV pools (32 blocks of 16 tokens: one long request takes most of a replica) and short
+autoscaling delays and intervals, all from the application's config, keep it to about a minute.
+Serve runs with its own ports and is shut down at the end of the module."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from deployments.config import AppConfig
+from tests.integration.prom_support import free_port
+
+pytestmark = pytest.mark.slow
+
+APP = "moe-autoscale"
+LONG_PROMPT = list(range(1000, 1300))  # 300 tokens: 19 blocks, 28 with its answer, of a 32-block pool
+LONG_TOKENS = 150
+SHORT_TOKENS = 4
+FAST = {"upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 3, "metrics_interval_s": 0.5}
+
+
+@dataclass
+class Results:
+    ok: dict[str, int] = field(default_factory=lambda: {"long": 0, "short": 0})
+    failed: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, kind: str, response: httpx.Response, tokens: int) -> None:
+        with self.lock:
+            try:
+                choice = response.json()["choices"][0]
+                if response.status_code == 200 and choice["finish_reason"] == "length" and \
+                        response.json()["usage"]["completion_tokens"] == tokens:
+                    self.ok[kind] += 1
+                    return
+            except Exception:  # noqa: BLE001 - reported below
+                pass
+            self.failed.append(f"{kind}: {response.status_code} {response.text[:300]}")
+
+
+def _client_loop(stop: threading.Event, url: str, body: dict, kind: str, tokens: int, results: Results,
+                 pause_s: float) -> None:
+    with httpx.Client(timeout=120) as client:
+        while not stop.is_set():
+            try:
+                results.check(kind, client.post(url, json=body), tokens)
+            except Exception as exc:  # noqa: BLE001 - a failed request is what the test looks for
+                with results.lock:
+                    results.failed.append(f"{kind}: {exc!r}")
+            stop.wait(pause_s)
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s}s; replicas seen: {seen[-20:]}"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, tiny_ckpt: Path):
+    from ray import serve
+
+    from deployments.app import build_app, grpc_options, http_options
+
+    config = AppConfig(
+        model=str(tiny_ckpt), app_name=APP, http_port=free_port(), grpc_port=free_port(), ingress_num_cpus=0,
+        router_num_cpus=0, vision={"num_replicas": 0},
+        engine={"block_size": 16, "num_kv_blocks": 32, "max_model_len": 512, "max_num_seqs": 4},
+        autoscaling={"ingress": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, **FAST},
+                     "router": {"min_replicas": 1, "max_replicas": 2, "target_kv_usage": 0.5, "target_waiting": 1,
+                                **FAST}})
+    serve.start(proxy_location="HeadOnly", http_options=http_options(config), grpc_options=grpc_options(config))
+    try:
+        serve.run(build_app(config), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{config.http_port}/v1/completions"
+    finally:
+        serve.shutdown()
+
+
+def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: str) -> None:
+    results, seen = Results(), []
+    stop_long, stop_short = threading.Event(), threading.Event()
+    long_body = {"prompt": LONG_PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True, "temperature": 0}
+    short_body = {"prompt": "Hi", "max_tokens": SHORT_TOKENS, "ignore_eos": True, "temperature": 0}
+    threads = [threading.Thread(target=_client_loop, args=(stop_short, app_url, short_body, "short", SHORT_TOKENS,
+                                                           results, 0.3), daemon=True)]
+    threads += [threading.Thread(target=_client_loop, args=(stop_long, app_url, long_body, "long", LONG_TOKENS,
+                                                            results, 0.0), daemon=True) for _ in range(2)]
+
+    def replicas() -> tuple[int, int]:
+        now = (_running("Ingress"), _running("Router"))
+        seen.append(now)
+        return now
+
+    assert replicas() == (1, 1)
+    for t in threads:
+        t.start()
+    try:
+        # Two long requests at a time: KV use over its target (0.5) on one router, ongoing requests
+        # (2 + the trickle) far under the ingress target of 8.
+        up_s = _wait("scale-up to 2 routers", lambda: replicas()[1] == 2, 120, seen)
+        long_before = results.ok["long"]
+        _wait("a long request on two routers", lambda: results.ok["long"] >= long_before + 2, 60, seen)
+        stop_long.set()
+        for t in threads[1:]:
+            t.join(timeout=120)
+        down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
+        time.sleep(2)  # the trickle runs on past the removal
+    finally:
+        stop_long.set()
+        stop_short.set()
+        for t in threads:
+            t.join(timeout=120)
+    print(f"scale-up after {up_s:.1f}s, scale-down {down_s:.1f}s after the load; requests: {results.ok}")
+    assert not results.failed, results.failed
+    assert results.ok["long"] >= 4 and results.ok["short"] >= 10, results.ok
+    assert max(ingress for ingress, _ in seen) == 1, f"the ingress scaled on ongoing requests: {seen}"
