@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 ROUTER_CLASS = "deployments.request_router:KVAwareRequestRouter"
 # A request routed this long before a report's clock is taken to be in it; the margin covers
@@ -38,11 +38,17 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass
+class _Routed:
+    at: float  # this handle's clock
+    blocks: float
+
+
+@dataclass
 class _Replica:
     seq: Any = None
     stats: Mapping[str, Any] = field(default_factory=dict)
-    seen_at: float = 0.0  # local clock when this report was first seen
-    routed: deque = field(default_factory=deque)  # (local time, blocks) routed since the report
+    seen_at: float = 0.0  # this handle's clock when the report was first seen
+    routed: deque = field(default_factory=deque)  # _Routed entries since the report
 
 
 class KVScoreboard:
@@ -60,9 +66,9 @@ class KVScoreboard:
         if stats and stats.get("seq") is not None and stats.get("seq") != state.seq:
             state.seq, state.stats, state.seen_at = stats.get("seq"), stats, now
             reported = float(stats.get("time", now))
-            while state.routed and state.routed[0][0] <= reported - IN_REPORT_MARGIN_S:
+            while state.routed and state.routed[0].at <= reported - IN_REPORT_MARGIN_S:
                 state.routed.popleft()
-        while state.routed and state.routed[0][0] < now - self.stale_after_s:
+        while state.routed and state.routed[0].at < now - self.stale_after_s:
             state.routed.popleft()  # whatever report it was in, it is older than any fresh one
 
     def fresh(self, replica: Hashable) -> bool:
@@ -76,11 +82,12 @@ class KVScoreboard:
     def score(self, replica: Hashable) -> float:
         """Free KV blocks net of reported prompts and of what was routed here since the report."""
         state = self._replicas[replica]
-        return float(state.stats.get("free_blocks", 0)) - sum(b for _, b in state.routed)
+        return float(state.stats.get("free_blocks", 0)) - sum(e.blocks for e in state.routed)
 
     def load(self, replica: Hashable) -> int:
         state = self._replicas[replica]
-        return int(state.stats.get("running", 0)) + int(state.stats.get("waiting", 0)) + len(state.routed)
+        routed = sum(1 for e in state.routed if e.blocks)
+        return int(state.stats.get("running", 0)) + int(state.stats.get("waiting", 0)) + routed
 
     def rank(self, replicas: Iterable[Hashable]) -> list[list[Hashable]]:
         """Fresh replicas one per rank, most free blocks first (ties: fewer sequences, then random);
@@ -95,14 +102,25 @@ class KVScoreboard:
             ranks.append(unknown)
         return ranks
 
-    def routed(self, replica: Hashable, blocks: float) -> None:
-        state = self._replicas.setdefault(replica, _Replica())
-        state.routed.append((self.clock(), blocks))
+    def routed(self, replica: Hashable, blocks: float) -> _Routed:
+        entry = _Routed(self.clock(), blocks)
+        self._replicas.setdefault(replica, _Replica()).routed.append(entry)
+        return entry
+
+    def move(self, entry: _Routed, replica: Hashable) -> _Routed:
+        """A request counted at one replica went to another."""
+        blocks, entry.blocks = entry.blocks, 0.0
+        moved = _Routed(entry.at, blocks)
+        self._replicas.setdefault(replica, _Replica()).routed.append(moved)
+        return moved
 
     def block_size(self, replica: Hashable) -> int:
         state = self._replicas.get(replica)
         size = state.stats.get("block_size") if state else None
         return int(size) if size else DEFAULT_BLOCK_SIZE
+
+    def blocks_of(self, tokens: int, replica: Hashable) -> int:
+        return -(-(tokens + 1) // self.block_size(replica))
 
 
 def request_tokens(pending_request: PendingRequest | None) -> int | None:
@@ -113,12 +131,19 @@ def request_tokens(pending_request: PendingRequest | None) -> int | None:
     return len(prompt) if prompt is not None else None
 
 
-class KVAwareRequestRouter(RequestRouter):
-    """Routes each `generate` call to the router replica with the most free KV blocks."""
+class KVAwareRequestRouter(FIFOMixin, RequestRouter):
+    """Routes each `generate` call to the router replica with the most free KV blocks.
+
+    A burst is counted as it is routed: the choice itself counts the request at the replica it
+    ranked first (the routing tasks of a burst all choose before the first request is sent), and
+    `on_request_routed` moves the count if the request went elsewhere (that replica was full, or
+    FIFO order gave the choice to an older request: calls made while serving one ingress request
+    share its internal id, which FIFOMixin needs to tell them apart)."""
 
     def initialize_state(self, stale_after_s: float = 3.0, **kwargs: Any) -> None:
         self.board = KVScoreboard(stale_after_s)
-        self.decisions: deque[tuple[str, str, float]] = deque(maxlen=1024)  # (request, replica, score)
+        self._counted: OrderedDict[int, tuple[ReplicaID, _Routed, float]] = OrderedDict()
+        self.decisions: deque[tuple[str, str]] = deque(maxlen=1024)  # (request id, replica id)
 
     def _board(self) -> KVScoreboard:
         if not hasattr(self, "board"):  # initialize_state is Serve's to call; never fail without it
@@ -140,20 +165,37 @@ class KVAwareRequestRouter(RequestRouter):
         for r in candidate_replicas:
             board.observe(r.replica_id, r.routing_stats)
             by_id[r.replica_id] = r
-        if request_tokens(pending_request) is None:  # stats, info, abort: anywhere, Serve's choice
+        tokens = request_tokens(pending_request)
+        if tokens is None:  # stats, info, abort: anywhere, Serve's choice
             return [candidate_replicas]
-        return [[by_id[r] for r in rank] for rank in board.rank(by_id)]
+        ranks = board.rank(by_id)
+        if len(ranks[0]) == 1:  # count it where it will most likely go (see the class doc)
+            self._count(pending_request, ranks[0][0], tokens)
+        return [[by_id[r] for r in rank] for rank in ranks]
+
+    def _count(self, pending_request: PendingRequest, replica: ReplicaID, tokens: int) -> None:
+        board, key = self.board, id(pending_request)
+        previous = self._counted.pop(key, None)
+        if previous is not None:  # chosen again (a retry): move its count
+            entry = previous[1] if previous[0] == replica else board.move(previous[1], replica)
+        else:
+            entry = board.routed(replica, board.blocks_of(tokens, replica))
+        now = board.clock()
+        self._counted[key] = (replica, entry, now)
+        while self._counted and next(iter(self._counted.values()))[2] < now - 2 * board.stale_after_s:
+            self._counted.popitem(last=False)  # cancelled before routing: forgotten
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         tokens = request_tokens(pending_request)
         if tokens is None:
             return
         board = self._board()
-        blocks = -(-(tokens + 1) // board.block_size(replica_id))
-        board.routed(replica_id, blocks)
-        request = getattr(pending_request.args[0], "request_id", "?")
-        self.decisions.append((request, replica_id.unique_id, board.score(replica_id)
-                               if board.fresh(replica_id) else float("nan")))
+        counted = self._counted.pop(id(pending_request), None)
+        if counted is None:
+            board.routed(replica_id, board.blocks_of(tokens, replica_id))
+        elif counted[0] != replica_id:
+            board.move(counted[1], replica_id)
+        self.decisions.append((getattr(pending_request.args[0], "request_id", "?"), replica_id.unique_id))
 
 
 def router_deployment_options(settings: Any) -> dict[str, Any]:

@@ -90,12 +90,14 @@ class LevelResult:
     ttft: list[float]
     itl: list[float]
     cpu: dict[str, float]  # CPU seconds per process group during the level
+    load: list[float] = field(default_factory=list)  # the machine's 1-minute load average at the end
 
     def add(self, other: LevelResult) -> LevelResult:
         """Two rounds of the same path and concurrency as one: totals over total wall time."""
         cpu = {k: self.cpu.get(k, 0.0) + other.cpu.get(k, 0.0) for k in set(self.cpu) | set(other.cpu)}
         return LevelResult(self.path, self.concurrency, self.requests + other.requests, self.tokens + other.tokens,
-                           self.wall_s + other.wall_s, self.ttft + other.ttft, self.itl + other.itl, cpu)
+                           self.wall_s + other.wall_s, self.ttft + other.ttft, self.itl + other.itl, cpu,
+                           self.load + other.load)
 
     @property
     def rps(self) -> float:
@@ -265,7 +267,7 @@ async def closed_loop(clients: Clients, path: str, concurrency: int, requests: l
         if len(s.stamps) != req.max_tokens:
             raise SystemExit(f"{path}: a request got {len(s.stamps)} tokens, asked for {req.max_tokens}")
     return LevelResult(path, concurrency, len(done), sum(len(s.stamps) for s in done), wall,
-                       [s.stamps[0] - s.sent for s in done], gaps(done), cpu)
+                       [s.stamps[0] - s.sent for s in done], gaps(done), cpu, [os.getloadavg()[0]])
 
 
 async def interference(clients: Clients, streams: int, prompt_len: int, before_s: float, seed: int) -> dict:
@@ -285,9 +287,13 @@ async def interference(clients: Clients, streams: int, prompt_len: int, before_s
         await asyncio.sleep(before_s)
         long_prompt = fixed_request(seed + 11, prompt_len, 1, (TOKEN_LOW, VOCAB - 1)).prompt
         cpu0 = cluster_cpu()
+        loads = [os.getloadavg()[0]]
         t_send = time.perf_counter()
-        long = await clients.run("http", long_prompt, 1)
-        t_first = long.stamps[0]
+        long_task = asyncio.ensure_future(clients.run("http", long_prompt, 1))
+        while not long_task.done():  # the machine's load while it is prefilled
+            await asyncio.wait([long_task], timeout=5.0)
+            loads.append(os.getloadavg()[0])
+        t_first = long_task.result().stamps[0]
         cpu = cpu_delta(cpu0, cluster_cpu())
     finally:
         stop.set()
@@ -297,8 +303,10 @@ async def interference(clients: Clients, streams: int, prompt_len: int, before_s
         return [b - a for s in live for a, b in zip(s.stamps, s.stamps[1:], strict=False) if lo < b <= hi]
 
     before, during = window(t_before, t_send), window(t_send, t_first)
+    per_stream = [sum(1 for t in s.stamps if t_send < t <= t_first) for s in live]
     return {"streams": streams, "prompt_len": prompt_len, "before": before, "during": during,
-            "before_s": t_send - t_before, "prefill_s": t_first - t_send, "cpu": cpu}
+            "before_s": t_send - t_before, "prefill_s": t_first - t_send, "cpu": cpu, "loads": loads,
+            "tokens_during": per_stream}
 
 
 async def _stream_into(clients: Clients, prompt: list[int], stop: asyncio.Event, sample: Sample) -> None:
@@ -409,7 +417,9 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
         f"{args.requests_per_client} request(s) per client per round (at least {args.min_requests}), prompts "
         f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs {args.output_len[0]}-{args.output_len[1]} tokens "
         "(greedy, EOS ignored), the same seeded requests on every path. TTFT and inter-token latency (ITL) are "
-        "the client's arrival times.",
+        "the client's arrival times. The counts are small so that the whole run stays under 15 minutes on a "
+        "2-core machine (p99 is then close to the maximum); the machine is shared, so compare the paths within a "
+        "level, not runs.",
         "",
         "| C | path | requests/s | output tokens/s | vs handle | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
         "| ITL p99 (ms) |",
@@ -425,10 +435,12 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
             lines.append(f"| {c} | {path} | {r.rps:,.2f} | {r.tps:,.1f} | {ratio} | {_ms(percentile(r.ttft, 50))} | "
                          f"{_ms(percentile(r.ttft, 99))} | {_ms(percentile(r.itl, 50))} | "
                          f"{_ms(percentile(r.itl, 99))} |")
-    lines += ["", "CPU seconds per 1000 output tokens, by process (where the time goes):", "",
-              "| C | path | CPU s / 1000 tokens |", "|---:|---|---|"]
+    lines += ["", "CPU seconds per 1000 output tokens, by process (where the time goes), and the machine's "
+              "1-minute load average at the end of each round (this machine is shared: other jobs' load shows "
+              "there):", "", "| C | path | CPU s / 1000 tokens | load average |", "|---:|---|---|---:|"]
     for r in levels:
-        lines.append(f"| {r.concurrency} | {r.path} | {_cpu_line(r.cpu, r.tokens)} |")
+        load = " / ".join(f"{x:.1f}" for x in r.load)
+        lines.append(f"| {r.concurrency} | {r.path} | {_cpu_line(r.cpu, r.tokens)} | {load} |")
     top = max(args.concurrency)
     http, handle = by.get(("http", top)), by.get(("handle", top))
     if http and handle:
@@ -446,6 +458,8 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
     inter = result.get("interference")
     if inter:
         b99, d99 = percentile(inter["before"], 99), percentile(inter["during"], 99)
+        chunks = math.ceil(inter["prompt_len"] / max(args.max_num_batched_tokens - inter["streams"], 1))
+        during_tokens, loads = inter["tokens_during"] or [0], inter["loads"]
         ratio = d99 / b99 if b99 else float("nan")
         verdict = "met" if ratio <= GOAL_INTERFERENCE else "missed"
         lines += [
@@ -453,8 +467,10 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
                 "streams decode (HTTP)",
             "",
             f"The streams decoded for {inter['before_s']:.1f} s before the long prompt arrived; its prefill (chunked, "
-            f"{args.max_num_batched_tokens}-token steps shared with the decodes) took {inter['prefill_s']:.1f} s "
-            "to its first token.",
+            f"{args.max_num_batched_tokens}-token steps shared with the decodes: {chunks} chunks) took "
+            f"{inter['prefill_s']:.1f} s to its first token, during which each stream received "
+            f"{min(during_tokens)}-{max(during_tokens)} tokens (a token per step: no stream stalled while it was "
+            f"prefilled). The machine's 1-minute load average meanwhile: {min(loads):.1f} to {max(loads):.1f}.",
             "",
             "| the others' inter-token latency | gaps | p50 (ms) | p99 (ms) | max (ms) |",
             "|---|---:|---:|---:|---:|",
@@ -470,11 +486,12 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
             b50, d50 = percentile(inter["before"], 50), percentile(inter["during"], 50)
             lines.append(
                 f"Where the time goes: while the long prompt is prefilled, each engine step carries a {chunk}-token "
-                f"chunk of it beside the {inter['streams']} decodes (chunked prefill: the streams advance every "
-                f"step, none stalls), and such a step took {_ms(d50)} ms at the median against {_ms(b50)} ms for a "
-                f"decode-only step; its attention also reads the whole prefix so far (up to "
-                f"{inter['prompt_len']:,} positions). Smaller steps (`engine.max_num_batched_tokens`) trade the long "
-                "prompt's time to first token for the others' inter-token latency; prefill on separate replicas "
+                f"chunk of it beside the {inter['streams']} decodes, and such a step took {_ms(d50)} ms at the "
+                f"median against {_ms(b50)} ms for a decode-only step: the chunk's MoE layers compute {chunk} more "
+                f"tokens, and its attention reads the whole prefix so far (up to {inter['prompt_len']:,} positions), "
+                "so the later chunks cost the most; the p99 and the maximum are the slowest of these steps (and "
+                "whatever else ran on the machine then). Smaller steps (`engine.max_num_batched_tokens`) trade the "
+                "long prompt's time to first token for the others' inter-token latency; prefill on separate replicas "
                 "(disaggregated prefill) would remove the interference.")
     for note in args.notes:
         lines += ["", note]

@@ -23,7 +23,9 @@ def _stop() -> None:
         _running.pop()()
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201
+    yield  # first the item's fixtures end (a module's Serve instance is shut down on the cluster)
     if nextitem is None or HERE not in Path(nextitem.path).parents:
         _stop()
 

@@ -48,8 +48,10 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
+    """A port free on every interface (Serve's gRPC proxy binds them all, and the session's Ray
+    processes listen on the node's address)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 

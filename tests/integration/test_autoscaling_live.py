@@ -28,7 +28,7 @@ APP = "moe-autoscale"
 LONG_PROMPT = list(range(1000, 1300))  # 300 tokens: 19 blocks, 28 with its answer, of a 32-block pool
 LONG_TOKENS = 150
 SHORT_TOKENS = 4
-FAST = {"upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 3, "metrics_interval_s": 0.5}
+FAST = {"upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5}
 
 
 @dataclass
@@ -81,6 +81,7 @@ def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_ckpt: Path):
+    import ray
     from ray import serve
 
     from deployments.app import build_app, grpc_options, http_options
@@ -97,7 +98,8 @@ def app_url(ray_cluster, tiny_ckpt: Path):
         serve.run(build_app(config), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{config.http_port}/v1/completions"
     finally:
-        serve.shutdown()
+        if ray.is_initialized():  # (serve.shutdown would start a new local Ray otherwise)
+            serve.shutdown()
 
 
 def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: str) -> None:
@@ -123,12 +125,12 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
         # (2 + the trickle) far under the ingress target of 8.
         up_s = _wait("scale-up to 2 routers", lambda: replicas()[1] == 2, 120, seen)
         long_before = results.ok["long"]
-        _wait("a long request on two routers", lambda: results.ok["long"] >= long_before + 2, 60, seen)
+        _wait("a long request on two routers", lambda: results.ok["long"] > long_before, 60, seen)
         stop_long.set()
         for t in threads[1:]:
             t.join(timeout=120)
         down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
-        time.sleep(2)  # the trickle runs on past the removal
+        time.sleep(1)  # the trickle runs on past the removal
     finally:
         stop_long.set()
         stop_short.set()
@@ -136,5 +138,5 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
             t.join(timeout=120)
     print(f"scale-up after {up_s:.1f}s, scale-down {down_s:.1f}s after the load; requests: {results.ok}")
     assert not results.failed, results.failed
-    assert results.ok["long"] >= 4 and results.ok["short"] >= 10, results.ok
+    assert results.ok["long"] >= 3 and results.ok["short"] >= 10, results.ok
     assert max(ingress for ingress, _ in seen) == 1, f"the ingress scaled on ongoing requests: {seen}"

@@ -191,7 +191,8 @@ def live(ray_cluster, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         if prom is not None:
             stop_process(prom)
-        serve.shutdown()
+        if ray.is_initialized():  # (serve.shutdown would start a new local Ray otherwise)
+            serve.shutdown()
 
 
 def test_load_ran_without_unexpected_answers(live: Live) -> None:

@@ -93,3 +93,56 @@ def test_prompt_token_budget():
     assert budget.used == 30
     budget.take([70], "prompt")
     assert budget.used == 100
+
+
+class _Meta:
+    call_method = "generate"
+
+
+class _Pending:
+    def __init__(self, tokens: int) -> None:
+        from types import SimpleNamespace
+
+        self.metadata = _Meta()
+        self.args = [SimpleNamespace(request_id=f"r{tokens}", prompt_token_ids=tuple(range(tokens)))]
+
+
+class _ReplicaID(str):
+    @property
+    def unique_id(self) -> str:
+        return str(self)
+
+
+class _Replica:
+    def __init__(self, name: str, stats: dict) -> None:
+        self.replica_id = _ReplicaID(name)
+        self.routing_stats = stats
+
+
+def test_a_burst_is_counted_as_it_is_chosen():
+    """The routing tasks of a burst all choose before the first request is sent: each choice
+    counts its request at the replica it ranked first, so the burst spreads."""
+    import asyncio
+
+    from deployments.request_router import KVAwareRequestRouter
+
+    router = object.__new__(KVAwareRequestRouter)  # Serve's constructor needs a running Serve
+    router.initialize_state(stale_after_s=3.0)
+    now = router.board.clock()
+    a, b = _Replica("a", report(1, 100, now)), _Replica("b", report(1, 100, now))
+    pending = [_Pending(31) for _ in range(6)]  # 2 blocks each (32 tokens with the first generated)
+
+    async def burst():
+        return [(await router.choose_replicas([a, b], p))[0][0] for p in pending]
+
+    firsts = asyncio.run(burst())
+    assert sorted(r.replica_id.unique_id for r in firsts) == ["a", "a", "a", "b", "b", "b"]
+    assert router.board.score(a.replica_id) == router.board.score(b.replica_id) == 94
+    # one went to b although a was ranked first (a full): its count moves, it is not added twice
+    chosen_a = next(p for p, r in zip(pending, firsts, strict=True) if r is a)
+    router.on_request_routed(chosen_a, b.replica_id, None)
+    assert (router.board.score(a.replica_id), router.board.score(b.replica_id)) == (96, 92)
+    # stats calls are Serve's choice and count nothing
+    stats_call = _Pending(5)
+    stats_call.metadata = type("M", (), {"call_method": "stats"})()
+    assert asyncio.run(router.choose_replicas([a, b], stats_call)) == [[a, b]]
