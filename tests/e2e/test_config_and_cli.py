@@ -78,7 +78,7 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path, tiny_ckpt):
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "MOE_CLUSTER_API_KEYS": "cli-key"}
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_ckpt),
-                             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "2"],
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "4"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -240,4 +239,3 @@ def test_series_carry_what_the_app_did(live: Live) -> None:
     assert live.query(f'ray_moe_cluster_vision_encoder_seconds_count{{{app}}} > 0')
     # The router policy runs in the controller and reports the replicas' KV use.
     assert live.query(f'ray_moe_cluster_autoscaling_signal{{{app},deployment="Router",signal="kv_usage"}}')
-    print(json.dumps({"rounds": live.rounds}))
