@@ -300,10 +300,14 @@ def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None)
     return pg
 
 
-def shared_registry(spec: GroupSpec, name: str) -> Any:
+def shared_registry(spec: GroupSpec, name: str, detached: bool = True) -> Any:
     """The named registry `name` (created with its shards on first use, then shared): how
-    Serve router replicas find the expert shards they share."""
+    Serve router replicas find the expert shards they share. `detached=False` makes the registry
+    (and with it its shards and placement group, which fate-share with their creator) live only
+    as long as the calling process: a router replica that owns its group takes the group with it
+    when it is scaled down or replaced."""
     import ray
 
     cls = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry)
-    return cls.options(name=name, namespace="moe-cluster", get_if_exists=True, lifetime="detached").remote(spec)
+    return cls.options(name=name, namespace="moe-cluster", get_if_exists=True,
+                       lifetime="detached" if detached else None).remote(spec)

@@ -7,8 +7,6 @@ import socket
 import threading
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +33,8 @@ class ShardWorker:
         self.rank, self.world = rank, spec.num_shards + 1
         self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank)
         self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_routers > 1 else 0.0)
+        self.server: Any = None  # the ray transport's exchange server, started on first use
+        self._server_lock = threading.Lock()
         self._loop: threading.Thread | None = None
         self.exchanges = 0
 
@@ -51,10 +51,17 @@ class ShardWorker:
 
     # -- the ray transport -------------------------------------------------------------------
 
-    def compute(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        from cluster.transport_ray import shard_compute
+    def exchange_address(self) -> tuple[str, int]:
+        """Where this shard's exchange server listens (started on the first call): routers send
+        their rows there (cluster/exchange_wire.py)."""
+        import ray
 
-        return shard_compute(self.coalescer, layer, hidden, ids, weights)
+        from cluster.exchange_wire import ExchangeServer
+
+        with self._server_lock:  # routers ask concurrently (the actor runs several calls at once)
+            if self.server is None:
+                self.server = ExchangeServer(self.coalescer.compute, self.text.hidden_size)
+        return ray.util.get_node_ip_address(), self.server.port
 
     def coalesced(self) -> tuple[int, int]:
         """(calls, batches): fewer batches than calls means calls from routers were merged."""

@@ -1,19 +1,22 @@
-"""The `ray` transport: routers call shard actors directly, M:N. Several routers share one set
-of shards; a shard coalesces the calls for the same layer that arrive together from several
-routers into one grouped computation. Each exchange has a deadline; a failed shard raises
+"""The `ray` transport: routers exchange rows with shard actors directly, M:N. Several routers
+share one set of shards; a shard coalesces the requests for the same layer that arrive together
+from several routers into one grouped computation. The rows travel over a persistent TCP
+connection per (router, shard) (exchange_wire.py); Ray actor calls carry only control (the
+shard's address, ping, replacement). Each exchange has a deadline; a failed shard raises
 `ExchangeFailedError` so the router can re-form the group and re-run its step."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from cluster.dispatch import Dispatcher, ExchangeFailedError
+from cluster.exchange_wire import ExchangeClient, WireError
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
 
@@ -74,7 +77,8 @@ class Coalescer:
 
 
 class RayDispatcher(Dispatcher):
-    """A router's side: one actor call per shard with rows, all awaited under one deadline."""
+    """A router's side: sends each shard its rows over the shard's connection, then collects the
+    partial sums, all under one deadline."""
 
     def __init__(self, placement: ExpertPlacement, shards: list[Any], deadline_s: float = 30.0) -> None:
         self.placement = placement
@@ -82,38 +86,59 @@ class RayDispatcher(Dispatcher):
         self.deadline_s = deadline_s
         self.pairs_sent: dict[int, int] = {}
         self.on_failure: Callable[[RayDispatcher], None] | None = None
+        self._clients: dict[int, ExchangeClient] = {}
 
     def recover(self) -> None:
         if self.on_failure is None:
             raise ExchangeFailedError("no way to re-form this group (no on_failure handler)")
         self.on_failure(self)
 
+    def _client(self, rank: int, deadline: float) -> ExchangeClient:
+        import ray
+
+        client = self._clients.get(rank)
+        if client is None:  # control: ask the shard actor where its exchange server listens
+            address = ray.get(self.shards[rank].exchange_address.remote(), timeout=_left(deadline))
+            client = self._clients[rank] = ExchangeClient(tuple(address), _left(deadline))
+        return client
+
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         import ray
 
+        deadline = time.monotonic() + self.deadline_s
         shares = [s for s in split_by_rank(self.placement, layer, topk_ids, topk_weights) if s.rows.numel()]
-        refs = [self.shards[s.rank].compute.remote(layer, hidden[s.rows].numpy(), s.topk_ids.numpy(),
-                                                   s.topk_weights.numpy()) for s in shares]
         try:
-            parts = ray.get(refs, timeout=self.deadline_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+            clients = [self._client(s.rank, deadline) for s in shares]
+            for share, client in zip(shares, clients, strict=True):  # every shard first: they compute in parallel
+                client.send(layer, hidden[share.rows], share.topk_ids, share.topk_weights, _left(deadline))
+            parts = [client.receive(_left(deadline)) for client in clients]  # each [n_r, H]
+        except (WireError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.ActorUnavailableError) as exc:
-            for r in refs:
-                ray.cancel(r, force=False)
-            raise ExchangeFailedError(f"layer {layer}: expert exchange failed ({type(exc).__name__})") from exc
-        out = torch.zeros_like(hidden)
+            self._disconnect()  # a connection's state is unknown after a failure: start afresh
+            raise ExchangeFailedError(f"layer {layer}: expert exchange failed ({type(exc).__name__}: {exc})") from exc
+        out = torch.zeros_like(hidden)  # [T, H]
         for share, part in zip(shares, parts, strict=True):
-            out.index_add_(0, share.rows, torch.from_numpy(part).to(hidden.dtype))
+            out.index_add_(0, share.rows, part.to(device=hidden.device, dtype=hidden.dtype))
         self.pairs_sent[layer] = self.pairs_sent.get(layer, 0) + int((topk_ids >= 0).sum())
         return out
 
     def replace_shards(self, shards: list[Any]) -> None:
+        self._disconnect()
         self.shards = list(shards)
 
+    def close(self) -> None:
+        self._disconnect()
 
-def shard_compute(coalescer: Coalescer, layer: int, hidden: np.ndarray, ids: np.ndarray,
-                  weights: np.ndarray) -> np.ndarray:
-    """The shard actor's entry point for one router's rows of one layer."""
-    out = coalescer.compute(layer, torch.from_numpy(hidden), torch.from_numpy(ids), torch.from_numpy(weights))
-    return out.numpy()
+    def _disconnect(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before `deadline`; an exchange past it fails as a timeout."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WireError("exchange deadline passed")
+    return left

@@ -5,12 +5,13 @@
   stats (`Router.record_autoscaling_stats()` returns `router_autoscaling_stats(engine.stats())`):
   scale up when the mean KV use or the mean waiting queue is over its target, down when both are
   well under, hold in between.
-- Expert groups: under the DeepSpeed transport a group (one router + N expert shards) steps in
-  lockstep, so it is the unit that scales. `ExpertGroupAutoscalingPolicy` is an application-level
-  policy: it sizes the router and shard deployments together in whole groups, on the routers' KV
-  and queue signals and on expert load or exchange latency, and leaves every other deployment
-  (the ingress) to Serve's default policy. `ExpertShardAutoscalingPolicy` is the deployment-level
-  variant for shards shared by many routers (the Ray transport): whole gangs of N shards.
+- Expert groups: under the `deepspeed` transport a router replica brings its own group of expert
+  shards that steps in lockstep with it (under `local` the experts live in the router), so a router
+  replica *is* a whole expert group and scaling routers scales groups as units. With
+  `autoscaling.experts` set, `RouterAutoscalingPolicy` also weighs the expert load per shard and
+  the mean exchange latency that each replica reports, and the router bounds become
+  `min_groups` / `max_groups`. Under the `ray` transport every router shares one fixed set of
+  shards (`num_expert_shards`), so there is no group to add: `autoscaling.experts` is refused.
 
 Every bound and target is configuration: `AutoscalingSettings` (pydantic, at the edge) renders
 the `autoscaling_config` dicts and the application-level `autoscaling_policy` dict that Serve
@@ -196,18 +197,24 @@ class _Recorder:
 # ---------------------------------------------------------------------------------------------
 
 class RouterAutoscalingPolicy:
-    """Deployment-level policy for routers on replica-reported KV use and waiting queue.
+    """Deployment-level policy for routers on replica-reported KV use and waiting queue, and (for
+    routers that are whole expert groups) expert load per shard and exchange latency.
 
     policy_kwargs: target_kv_usage (mean KV used/total to scale up above), target_waiting (mean
     waiting sequences per replica to scale up above), kv_usage_low / waiting_low (scale down only
-    when both are at or under; default half the targets), min_replicas / max_replicas (optional,
-    tighter than the deployment's), max_step_down (replicas removed per decision), record_metrics.
+    when every signal is at or under its low mark; default half the targets), target_expert_load
+    (routed assignments per second per shard) and target_exchange_latency_s (mean seconds of one
+    MoE layer's exchange), each optional, with low marks at `expert_low_ratio` of the target;
+    min_replicas / max_replicas (optional, tighter than the deployment's), max_step_down (replicas
+    removed per decision), record_metrics.
     """
 
     def __init__(self, target_kv_usage: float = 0.75, target_waiting: float = 2.0,
                  kv_usage_low: float | None = None, waiting_low: float | None = None,
                  min_replicas: int | None = None, max_replicas: int | None = None,
-                 max_step_down: int = 1, record_metrics: bool = True) -> None:
+                 max_step_down: int = 1, record_metrics: bool = True,
+                 target_expert_load: float | None = None, target_exchange_latency_s: float | None = None,
+                 expert_low_ratio: float = 0.5) -> None:
         if not 0 < target_kv_usage <= 1:
             raise ValueError(f"target_kv_usage must be in (0, 1], got {target_kv_usage}")
         if target_waiting <= 0:
@@ -218,6 +225,15 @@ class RouterAutoscalingPolicy:
         self.waiting_low = target_waiting / 2 if waiting_low is None else waiting_low
         if not (self.kv_usage_low < target_kv_usage and self.waiting_low < target_waiting):
             raise ValueError("the low watermarks must be under the targets")
+        for name, target in (("target_expert_load", target_expert_load),
+                             ("target_exchange_latency_s", target_exchange_latency_s)):
+            if target is not None and target <= 0:
+                raise ValueError(f"{name} must be > 0, got {target}")
+        if not 0 < expert_low_ratio < 1:
+            raise ValueError(f"expert_low_ratio must be in (0, 1), got {expert_low_ratio}")
+        self.target_expert_load = target_expert_load
+        self.target_exchange_latency_s = target_exchange_latency_s
+        self.expert_low_ratio = expert_low_ratio
         self.min_replicas = min_replicas
         self.max_replicas = max_replicas
         self.max_step_down = max_step_down
@@ -231,7 +247,8 @@ class RouterAutoscalingPolicy:
             out.append(Signal(KV_USAGE_KEY, kv, self.target_kv_usage, self.kv_usage_low))
         if waiting is not None:
             out.append(Signal(WAITING_KEY, waiting, self.target_waiting, self.waiting_low))
-        return out
+        return out + expert_signals((metrics,), self.target_expert_load, self.target_exchange_latency_s,
+                                    self.expert_low_ratio)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         signals = self.signals(ctx)
@@ -242,119 +259,6 @@ class RouterAutoscalingPolicy:
         state = dict(ctx.policy_state or {})
         state.update(router_decision=decision, router_why=why)
         return decision, state
-
-
-class ExpertShardAutoscalingPolicy:
-    """Deployment-level policy for an expert-shard deployment shared by many routers (Ray
-    transport), in whole gangs of `shards_per_group`: scale up when the mean expert load per shard
-    or the mean exchange latency is over its target, down when both are well under."""
-
-    def __init__(self, shards_per_group: int = 1, target_expert_load: float | None = None,
-                 target_exchange_latency_s: float | None = None, low_ratio: float = 0.5,
-                 min_groups: int | None = None, max_groups: int | None = None, max_step_down: int = 1,
-                 record_metrics: bool = True) -> None:
-        if shards_per_group < 1:
-            raise ValueError("shards_per_group must be >= 1")
-        if target_expert_load is None and target_exchange_latency_s is None:
-            raise ValueError("set target_expert_load, target_exchange_latency_s or both")
-        if not 0 < low_ratio < 1:
-            raise ValueError("low_ratio must be in (0, 1)")
-        self.shards_per_group = shards_per_group
-        self.target_expert_load = target_expert_load
-        self.target_exchange_latency_s = target_exchange_latency_s
-        self.low_ratio = low_ratio
-        self.min_groups, self.max_groups = min_groups, max_groups
-        self.max_step_down = max_step_down
-        self._record = _Recorder(record_metrics)
-
-    def expert_signals(self, *metric_sources: Mapping[str, Mapping[Any, float]]) -> list[Signal]:
-        return expert_signals(metric_sources, self.target_expert_load, self.target_exchange_latency_s,
-                              self.low_ratio)
-
-    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        n = self.shards_per_group
-        signals = self.expert_signals(_metrics(ctx))
-        lower, upper = _bounds(ctx, self.min_groups, self.max_groups, n)
-        groups, wish, why = decide_units(signals, ctx.current_num_replicas // n,
-                                         math.ceil(ctx.target_num_replicas / n), lower, upper, self.max_step_down)
-        self._record(ctx, wish * n, upper * n, {s.name: s.value for s in signals})
-        state = dict(ctx.policy_state or {})
-        state.update(shard_groups=groups, shard_why=why)
-        return groups * n, state
-
-
-class ExpertGroupAutoscalingPolicy:
-    """Application-level policy: routers and expert shards scale together in whole groups (one
-    router + `shards_per_group` shards), to the most groups any signal needs: the routers' KV use
-    and waiting queue, the expert load per shard, the exchange latency. Other deployments (the
-    ingress) get Serve's default policy on ongoing requests.
-
-    policy_kwargs: router_deployment, shard_deployment (names), shards_per_group, min_groups,
-    max_groups, the router targets (as RouterAutoscalingPolicy) and the expert targets (as
-    ExpertShardAutoscalingPolicy). Keep the router and shard deployments' upscaling/downscaling
-    factors at 1 and their delays equal, so that Serve moves both in the same tick.
-    """
-
-    def __init__(self, router_deployment: str = "Router", shard_deployment: str = "ExpertShard",
-                 shards_per_group: int = 1, min_groups: int | None = None, max_groups: int | None = None,
-                 target_kv_usage: float = 0.75, target_waiting: float = 2.0, kv_usage_low: float | None = None,
-                 waiting_low: float | None = None, target_expert_load: float | None = None,
-                 target_exchange_latency_s: float | None = None, low_ratio: float = 0.5, max_step_down: int = 1,
-                 record_metrics: bool = True) -> None:
-        self.router_deployment, self.shard_deployment = router_deployment, shard_deployment
-        self.shards_per_group = shards_per_group
-        self.min_groups, self.max_groups = min_groups, max_groups
-        self.max_step_down = max_step_down
-        self.router = RouterAutoscalingPolicy(target_kv_usage, target_waiting, kv_usage_low, waiting_low,
-                                              record_metrics=False)
-        if shards_per_group < 1:
-            raise ValueError("shards_per_group must be >= 1")
-        self.target_expert_load = target_expert_load
-        self.target_exchange_latency_s = target_exchange_latency_s
-        self.low_ratio = low_ratio
-        self._record = _Recorder(record_metrics)
-
-    def __call__(self, contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
-        from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
-
-        n = self.shards_per_group
-        router = shard = None
-        decisions: dict[Any, int] = {}
-        states: dict[Any, dict[str, Any]] = {}
-        for dep_id, ctx in contexts.items():
-            if ctx.deployment_name == self.router_deployment:
-                router = (dep_id, ctx)
-            elif ctx.deployment_name == self.shard_deployment:
-                shard = (dep_id, ctx)
-            else:
-                num, state = replica_queue_length_autoscaling_policy(ctx)
-                decisions[dep_id], states[dep_id] = num, dict(state or {})
-        if router is None:
-            return decisions, states
-        (rid, rctx) = router
-        shard_metrics = _metrics(shard[1]) if shard else {}
-        signals = self.router.signals(rctx) + expert_signals(
-            (_metrics(rctx), shard_metrics), self.target_expert_load, self.target_exchange_latency_s, self.low_ratio)
-        # Groups running: complete units only (whichever side has fewer); groups wanted: the larger.
-        current, target = rctx.current_num_replicas, rctx.target_num_replicas
-        lower, upper = _bounds(rctx, self.min_groups, self.max_groups)
-        if shard:
-            current = min(current, shard[1].current_num_replicas // n)
-            target = max(target, math.ceil(shard[1].target_num_replicas / n))
-            shard_lower, shard_upper = _bounds(shard[1], None, None, n)
-            lower, upper = max(lower, shard_lower), min(upper, shard_upper)
-            upper = max(lower, upper)
-        groups, wish, why = decide_units(signals, current, target, lower, upper, self.max_step_down)
-        values = {s.name: s.value for s in signals}
-        decisions[rid] = groups
-        states[rid] = {**(rctx.policy_state or {}), "groups": groups, "why": why}
-        self._record(rctx, wish, upper, values)
-        if shard:
-            sid, sctx = shard
-            decisions[sid] = groups * n
-            states[sid] = {**(sctx.policy_state or {}), "groups": groups, "why": why}
-            self._record(sctx, wish * n, upper * n, values)
-        return decisions, states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,17 +308,22 @@ class RouterScaling(_Replicas):
 
 
 class ExpertGroupScaling(_Delays):
-    shards_per_group: PositiveInt = 1
+    """Router replicas that are whole expert groups (local and deepspeed transports): their bounds
+    in groups and the expert targets that the router policy weighs beside `router`'s."""
+
     min_groups: PositiveInt = 1
-    max_groups: PositiveInt = 1
+    max_groups: PositiveInt = 4
     target_expert_load: PositiveFloat | None = Field(None, description="routed assignments per second per shard")
-    target_exchange_latency_s: PositiveFloat | None = 0.05
-    low_ratio: float = Field(0.5, gt=0, lt=1)
+    target_exchange_latency_s: PositiveFloat | None = Field(
+        0.05, description="mean seconds of one MoE layer's exchange (dispatch + expert compute + combine)")
+    low_ratio: float = Field(0.5, gt=0, lt=1, description="scale down only under this fraction of each target")
 
     @model_validator(mode="after")
     def _bounds(self) -> ExpertGroupScaling:
         if self.min_groups > self.max_groups:
             raise ValueError(f"min_groups ({self.min_groups}) is above max_groups ({self.max_groups})")
+        if self.target_expert_load is None and self.target_exchange_latency_s is None:
+            raise ValueError("set target_expert_load, target_exchange_latency_s or both")
         return self
 
 
@@ -434,55 +343,44 @@ class AutoscalingSettings(BaseModel):
                 "target_ongoing_requests": s.target_ongoing_requests}
 
     def router_config(self) -> dict[str, Any]:
-        s = self.router
-        kwargs = {"target_kv_usage": s.target_kv_usage, "target_waiting": s.target_waiting,
-                  "kv_usage_low": s.kv_usage_low, "waiting_low": s.waiting_low, "max_step_down": s.max_step_down,
-                  "record_metrics": self.record_metrics}
-        if self.experts is not None:  # groups decide; keep the router's bounds those of the groups
-            return {**_common(self.experts), "min_replicas": self.experts.min_groups,
-                    "max_replicas": self.experts.max_groups}
-        return {**_common(s), "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                "policy": {"policy_function": f"{POLICY_MODULE}:RouterAutoscalingPolicy",
-                           "policy_kwargs": {k: v for k, v in kwargs.items() if v is not None}}}
+        """The router deployment's autoscaling_config: RouterAutoscalingPolicy on the router targets,
+        plus the expert targets with the bounds and delays in groups when `experts` is set."""
+        s, e = self.router, self.experts
+        kwargs: dict[str, Any] = {
+            "target_kv_usage": s.target_kv_usage, "target_waiting": s.target_waiting, "kv_usage_low": s.kv_usage_low,
+            "waiting_low": s.waiting_low, "max_step_down": s.max_step_down, "record_metrics": self.record_metrics}
+        if e is None:
+            bounds: dict[str, Any] = {**_common(s), "min_replicas": s.min_replicas, "max_replicas": s.max_replicas}
+        else:
+            bounds = {**_common(e), "min_replicas": e.min_groups, "max_replicas": e.max_groups}
+            kwargs.update(target_expert_load=e.target_expert_load, expert_low_ratio=e.low_ratio,
+                          target_exchange_latency_s=e.target_exchange_latency_s)
+        return {**bounds, "policy": {"policy_function": f"{POLICY_MODULE}:RouterAutoscalingPolicy",
+                                     "policy_kwargs": {k: v for k, v in kwargs.items() if v is not None}}}
 
-    def shard_config(self) -> dict[str, Any]:
-        e = self._experts()
-        return {**_common(e), "min_replicas": e.min_groups * e.shards_per_group,
-                "max_replicas": e.max_groups * e.shards_per_group}
-
-    def application_policy(self, router_deployment: str = "Router",
-                           shard_deployment: str = "ExpertShard") -> dict[str, Any]:
-        """The application's `autoscaling_policy` (expert groups as units); None-valued kwargs dropped."""
-        e, r = self._experts(), self.router
-        kwargs = {"router_deployment": router_deployment, "shard_deployment": shard_deployment,
-                  "shards_per_group": e.shards_per_group, "min_groups": e.min_groups, "max_groups": e.max_groups,
-                  "target_kv_usage": r.target_kv_usage, "target_waiting": r.target_waiting,
-                  "kv_usage_low": r.kv_usage_low, "waiting_low": r.waiting_low,
-                  "target_expert_load": e.target_expert_load, "target_exchange_latency_s": e.target_exchange_latency_s,
-                  "low_ratio": e.low_ratio, "max_step_down": r.max_step_down, "record_metrics": self.record_metrics}
-        return {"policy_function": f"{POLICY_MODULE}:ExpertGroupAutoscalingPolicy",
-                "policy_kwargs": {k: v for k, v in kwargs.items() if v is not None}}
-
-    def _experts(self) -> ExpertGroupScaling:
-        if self.experts is None:
-            raise ValueError("no expert-group autoscaling configured (autoscaling.experts)")
-        return self.experts
-
-    def check_app(self, fields_set: set[str], num_ingress_replicas: int, num_router_replicas: int) -> None:
-        """What an AppConfig with these settings must hold (ValueError otherwise): replica counts
-        given explicitly are the initial replicas and lie within the bounds; `experts` waits for an
-        expert-shard Serve deployment (the application-level policy sizes routers and that
-        deployment together; today each router replica owns its shards, so routers are the units)."""
+    def router_bounds(self) -> tuple[int, int]:
+        """(min, max) router replicas: the groups' bounds when routers are expert groups."""
         if self.experts is not None:
-            raise ValueError("autoscaling.experts (ExpertGroupAutoscalingPolicy) applies once the application has "
-                             "an expert-shard Serve deployment; with the local, ray and deepspeed transports the "
-                             "router policy (autoscaling.router) scales the routers, and under deepspeed each "
-                             "router replica brings its own group of shards, so groups scale as whole units")
-        for name, value, s in (("num_ingress_replicas", num_ingress_replicas, self.ingress),
-                               ("num_router_replicas", num_router_replicas, self.router)):
-            if name in fields_set and not s.min_replicas <= value <= s.max_replicas:
+            return self.experts.min_groups, self.experts.max_groups
+        return self.router.min_replicas, self.router.max_replicas
+
+    def check_app(self, fields_set: set[str], num_ingress_replicas: int, num_router_replicas: int,
+                  transport: str = "local") -> None:
+        """What an AppConfig with these settings must hold (ValueError otherwise): replica counts
+        given explicitly are the initial replicas and lie within the bounds; `experts` needs routers
+        that are whole expert groups (not the ray transport's shared shards)."""
+        if self.experts is not None and transport == "ray":
+            raise ValueError("autoscaling.experts scales router replicas as whole expert groups (transport local or "
+                             "deepspeed: each replica holds or brings its own shards); under transport 'ray' every "
+                             "router shares one fixed set of num_expert_shards shards, so there is no group to add: "
+                             "drop autoscaling.experts (autoscaling.router still scales the routers)")
+        router_min, router_max = self.router_bounds()
+        for name, value, low, high in (
+                ("num_ingress_replicas", num_ingress_replicas, self.ingress.min_replicas, self.ingress.max_replicas),
+                ("num_router_replicas", num_router_replicas, router_min, router_max)):
+            if name in fields_set and not low <= value <= high:
                 raise ValueError(f"{name} ({value}) is the initial replica count under autoscaling and must lie "
-                                 f"within [{s.min_replicas}, {s.max_replicas}]")
+                                 f"within [{low}, {high}]")
 
 
 def replica_options(config: Any, deployment: str) -> dict[str, Any]:
@@ -511,7 +409,7 @@ def _common(s: _Delays) -> dict[str, Any]:
 
 __all__ = [
     "EXCHANGE_LATENCY_KEY", "EXPERT_LOAD_KEY", "KV_USAGE_KEY", "RUNNING_KEY", "WAITING_KEY", "AutoscalingSettings",
-    "ExpertGroupAutoscalingPolicy", "ExpertGroupScaling", "ExpertLoadMeter", "ExpertShardAutoscalingPolicy",
+    "ExpertGroupScaling", "ExpertLoadMeter",
     "IngressScaling", "RouterAutoscalingPolicy", "RouterScaling", "Signal", "decide_units", "replica_options",
     "router_autoscaling_stats",
 ]

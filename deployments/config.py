@@ -111,7 +111,8 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _autoscaling(self) -> AppConfig:
         if self.autoscaling is not None:
-            self.autoscaling.check_app(self.model_fields_set, self.num_ingress_replicas, self.num_router_replicas)
+            self.autoscaling.check_app(self.model_fields_set, self.num_ingress_replicas, self.num_router_replicas,
+                                       self.transport)
         return self
 
     @property

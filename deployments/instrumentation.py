@@ -122,11 +122,13 @@ class RouterInstrumentation:
 
     def autoscaling_stats(self) -> dict[str, float]:
         """KV use, waiting and running sequences from the KV load the engine loop publishes after
-        every change (never waits for a step)."""
+        every change (never waits for a step), and the expert load and exchange latency of the
+        latest metrics poll (absent until the first)."""
         from deployments.autoscaling import router_autoscaling_stats
 
         load = getattr(self.async_engine, "load", None)
-        return router_autoscaling_stats(load if load is not None else self.async_engine.stats())
+        stats = router_autoscaling_stats(load if load is not None else self.async_engine.stats())
+        return {**stats, **self.metrics.expert_signals}
 
     def stop(self) -> None:
         self.metrics.stop()

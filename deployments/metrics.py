@@ -389,6 +389,11 @@ class ExpertMetrics:
         self.transport = transport
         self._previous: dict[int, list[float]] = {}
         self._lock = threading.Lock()
+        # For the autoscaling signals: routed (token, expert) pairs since start, and the exchange
+        # seconds and count since the last `autoscaling_signals()` read.
+        self._assignments = 0.0
+        self._exchange_seconds, self._exchanges = 0.0, 0
+        self._load_meter: Any = None
 
     def observe_token_counts(self, counts: Mapping[int, Any]) -> dict[int, float]:
         """Records the growth since the previous call; returns the imbalance per layer that moved."""
@@ -401,6 +406,8 @@ class ExpertMetrics:
                     before = [0.0] * len(now)
                 self._previous[layer] = now
             delta = [a - b for a, b in zip(now, before, strict=True)]
+            with self._lock:
+                self._assignments += sum(delta)
             if self.per_expert:
                 for expert, d in enumerate(delta):
                     self.metrics.inc("expert_tokens_total", d, tags={"layer": str(layer), "expert": str(expert)})
@@ -412,6 +419,23 @@ class ExpertMetrics:
 
     def observe_exchange(self, seconds: float) -> None:
         self.metrics.observe("expert_exchange_latency_seconds", seconds, tags={"transport": self.transport})
+        with self._lock:
+            self._exchange_seconds += seconds
+            self._exchanges += 1
+
+    def autoscaling_signals(self, num_shards: int, now: float) -> dict[str, float]:
+        """The expert signals a router replica reports to the autoscaler: routed assignments per
+        second per shard and the mean exchange latency, both since the previous call (0 when the
+        router was idle). Call it after `observe_token_counts` in each poll."""
+        from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, ExpertLoadMeter
+
+        with self._lock:
+            if self._load_meter is None or self._load_meter.num_shards != max(1, num_shards):
+                self._load_meter = ExpertLoadMeter(num_shards)
+            load = self._load_meter.update(self._assignments, now)
+            latency = self._exchange_seconds / self._exchanges if self._exchanges else 0.0
+            self._exchange_seconds, self._exchanges = 0.0, 0
+        return {EXPERT_LOAD_KEY: float(load), EXCHANGE_LATENCY_KEY: float(latency)}
 
     def set_shard_health(self, rank: int, up: bool) -> None:
         self.metrics.set("shard_up", 1.0 if up else 0.0, tags={"rank": str(rank)})
@@ -500,6 +524,7 @@ class RouterMetrics:
         self.experts = ExpertMetrics(self.metrics, per_expert=per_expert, transport=transport)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.expert_signals: dict[str, float] = {}  # the latest poll's ExpertMetrics.autoscaling_signals
 
     def poll(self, engine: Any) -> EngineStats:
         stats = engine.stats()
@@ -510,6 +535,9 @@ class RouterMetrics:
         dispatcher = getattr(engine, "dispatcher", None)
         if dispatcher is not None and hasattr(dispatcher, "token_counts"):
             self.experts.observe_token_counts(dispatcher.token_counts())
+            placement = getattr(dispatcher, "placement", None)
+            self.expert_signals = self.experts.autoscaling_signals(getattr(placement, "num_ranks", 1),
+                                                                   time.monotonic())
         health = shard_health(dispatcher) if dispatcher is not None else None
         if health:
             self.experts.set_shards_health(health)

@@ -24,11 +24,16 @@ def build_router_engine(config: AppConfig, model_dir: Path) -> LLMEngine:
 
     from cluster.expert_group import GroupRouter, GroupSpec, shared_registry
 
+    # num_routers sizes the shards' request coalescing (ray: every router replica shares them, up to
+    # the autoscaling ceiling); a deepspeed group pairs one router with its own shards.
+    routers = 1 if config.transport == "deepspeed" else (
+        config.autoscaling.router_bounds()[1] if config.autoscaling else config.num_router_replicas)
     spec = GroupSpec(str(model_dir), config.num_expert_shards, config.transport, engine_config,
-                     num_routers=config.num_router_replicas, exchange_deadline_s=config.exchange_deadline_s)
+                     num_routers=routers, exchange_deadline_s=config.exchange_deadline_s)
     name = f"{config.app_name}-experts"
-    if config.transport == "deepspeed":  # a process group pairs one router with its own shards
+    owned = config.transport == "deepspeed"  # a process group pairs one router with its own shards
+    if owned:  # ... which leave with the replica (scale-down, restart): the group is the unit
         name += f"-{serve.get_replica_context().replica_id.unique_id}"
-    member = GroupRouter(spec, shared_registry(spec, name))
+    member = GroupRouter(spec, shared_registry(spec, name, detached=not owned))
     logger.info("router joined expert registry %s (%s, %d shards)", name, config.transport, config.num_expert_shards)
     return member.engine

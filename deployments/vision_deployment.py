@@ -163,10 +163,11 @@ def vision_deployment(config: AppConfig) -> Any:
     v = config.vision
     if v.num_replicas == 0:
         return None
+    ingress_replicas = config.autoscaling.ingress.max_replicas if config.autoscaling else config.num_ingress_replicas
     return serve.deployment(VisionEncoderDeployment, name=DEPLOYMENT_NAME).options(
         num_replicas=v.num_replicas,
         # queued calls wait in the replica's batch queue rather than at the handle
-        max_ongoing_requests=max(4 * v.max_batch_size, config.num_ingress_replicas * config.max_ongoing_requests),
+        max_ongoing_requests=max(4 * v.max_batch_size, ingress_replicas * config.max_ongoing_requests),
         ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},
         graceful_shutdown_timeout_s=10,
     ).bind(config)

@@ -7,7 +7,8 @@ It starts Ray with its metrics export on `--metrics-port` and Serve with two sta
 that go through the same code paths as the real ones: `Router` records engine, request, expert,
 image and API metrics with deployments.metrics' recorders and reports KV use and queue through
 `record_autoscaling_stats()` to deployments.autoscaling:RouterAutoscalingPolicy (which then scales
-it up and records its decisions); `ExpertShard` reports expert load to ExpertShardAutoscalingPolicy.
+it up and records its decisions), with the expert load and exchange latency of a router replica
+that is a whole expert group (`autoscaling.experts`).
 Prints `ready <port>` once the deployments run, then drives requests until stopped (SIGTERM/SIGINT)
 or `--seconds` pass.
 """
@@ -43,9 +44,9 @@ class _Router:
         self.kv_usage = 0.9
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        from deployments.autoscaling import KV_USAGE_KEY, WAITING_KEY
+        from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, KV_USAGE_KEY, WAITING_KEY
 
-        return {KV_USAGE_KEY: self.kv_usage, WAITING_KEY: 1.0}
+        return {KV_USAGE_KEY: self.kv_usage, WAITING_KEY: 1.0, EXPERT_LOAD_KEY: 500.0, EXCHANGE_LATENCY_KEY: 0.002}
 
     async def __call__(self, i: int) -> int:
         from cluster.stats import EngineStats
@@ -74,16 +75,6 @@ class _Router:
         return i
 
 
-class _Shard:
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
-
-        return {EXPERT_LOAD_KEY: 500.0, EXCHANGE_LATENCY_KEY: 0.002}
-
-    def __call__(self) -> str:
-        return "ok"
-
-
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -100,22 +91,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployments.autoscaling import AutoscalingSettings
 
-    settings = AutoscalingSettings(router={"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0,
-                                           "look_back_period_s": 12})
+    settings = AutoscalingSettings(experts={"min_groups": 1, "max_groups": 2, "upscale_delay_s": 0,
+                                            "look_back_period_s": 12, "target_expert_load": 1000.0})
     router_cfg = settings.router_config()
-    shard_cfg = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "look_back_period_s": 12,
-                 "policy": {"policy_function": "deployments.autoscaling:ExpertShardAutoscalingPolicy",
-                            "policy_kwargs": {"target_expert_load": 1000.0}}}
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _metrics_export_port=args.metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         router = serve.deployment(_Router, name="Router", autoscaling_config=router_cfg,
                                   ray_actor_options={"num_cpus": 0}).bind()
-        shard = serve.deployment(_Shard, name="ExpertShard", autoscaling_config=shard_cfg,
-                                 ray_actor_options={"num_cpus": 0}).bind()
         handle = serve.run(router, name="moe-cluster", route_prefix=None)
-        serve.run(shard, name="moe-cluster-experts", route_prefix=None)
         print(f"ready {args.metrics_port}", flush=True)
         deadline = time.monotonic() + args.seconds
         i = 0

@@ -4,6 +4,11 @@ prompts fills the routers' KV cache while the ongoing requests stay far under th
 scales the routers up, and the end of the load scales them down again. A trickle of short requests
 runs through both changes; no request fails.
 
+The routers run the `deepspeed` transport with `autoscaling.experts`: each router replica is a
+whole expert group (the router and its own expert shard), so the scale-up adds a group (a second
+shard actor appears) and the scale-down removes one (its shard goes with its router). The replicas
+report the expert signals (exchange latency, expert load) beside KV use and queue.
+
 Small KV pools (32 blocks of 16 tokens: one long request takes most of a replica) and short
 autoscaling delays and intervals, all from the application's config, keep it to about a minute.
 Serve runs with its own ports and is shut down at the end of the module."""
@@ -19,6 +24,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
 from deployments.config import AppConfig
 from tests.integration.prom_support import free_port
 
@@ -71,6 +77,18 @@ def _running(deployment: str) -> int:
     return app.deployments[deployment].replica_states.get("RUNNING", 0)
 
 
+def _alive_shards() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")], limit=1000))
+
+
+def _router_stats() -> dict[str, float]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Router", APP).record_autoscaling_stats.remote().result(timeout_s=30)
+
+
 def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list) -> float:
     started = time.monotonic()
     while not condition():
@@ -88,11 +106,12 @@ def app_url(ray_cluster, tiny_ckpt: Path):
 
     config = AppConfig(
         model=str(tiny_ckpt), app_name=APP, http_port=free_port(), grpc_port=free_port(), ingress_num_cpus=0,
-        router_num_cpus=0, vision={"num_replicas": 0},
+        router_num_cpus=0, vision={"num_replicas": 0}, transport="deepspeed", num_expert_shards=1,
         engine={"block_size": 16, "num_kv_blocks": 32, "max_model_len": 512, "max_num_seqs": 4},
         autoscaling={"ingress": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, **FAST},
-                     "router": {"min_replicas": 1, "max_replicas": 2, "target_kv_usage": 0.5, "target_waiting": 1,
-                                **FAST}})
+                     "router": {"target_kv_usage": 0.5, "target_waiting": 1},
+                     # a latency target this loose never triggers here: KV use drives the groups
+                     "experts": {"min_groups": 1, "max_groups": 2, "target_exchange_latency_s": 60, **FAST}})
     serve.start(proxy_location="HeadOnly", http_options=http_options(config), grpc_options=grpc_options(config))
     try:
         serve.run(build_app(config), name=APP, route_prefix="/")
@@ -118,18 +137,25 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
         return now
 
     assert replicas() == (1, 1)
+    assert _alive_shards() == 1  # the first group: one router, its one shard
     for t in threads:
         t.start()
     try:
         # Two long requests at a time: KV use over its target (0.5) on one router, ongoing requests
         # (2 + the trickle) far under the ingress target of 8.
         up_s = _wait("scale-up to 2 routers", lambda: replicas()[1] == 2, 120, seen)
+        assert _alive_shards() == 2  # a whole group: the new router came up with its own shard
         long_before = results.ok["long"]
         _wait("a long request on two routers", lambda: results.ok["long"] > long_before, 60, seen)
+        # Measured under load (the metrics poll runs every few seconds; a fresh replica has one reading).
+        reported: list[dict[str, float]] = []
+        _wait("expert signals in a router's autoscaling stats", lambda: reported.append(_router_stats()) or (
+            reported[-1].get(EXCHANGE_LATENCY_KEY, 0) > 0 and reported[-1].get(EXPERT_LOAD_KEY, 0) > 0), 30, reported)
         stop_long.set()
         for t in threads[1:]:
             t.join(timeout=120)
         down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
+        _wait("the removed group's shard gone", lambda: _alive_shards() == 1, 60, seen)
         time.sleep(1)  # the trickle runs on past the removal
     finally:
         stop_long.set()

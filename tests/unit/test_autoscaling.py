@@ -9,9 +9,8 @@ import time
 import pytest
 from ray.serve._private.autoscaling_state import DeploymentAutoscalingState, _resolve_policy_callable
 from ray.serve._private.common import DeploymentID, ReplicaID, ReplicaMetricReport, TimeStampedValue
-from ray.serve._private.gang_scheduling_autoscaling_policy import GangSchedulingAutoscalingPolicy
-from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config, _apply_autoscaling_config
-from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
+from ray.serve.autoscaling_policy import _apply_autoscaling_config
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from cluster.stats import EngineStats
 from deployments.autoscaling import (
@@ -20,10 +19,8 @@ from deployments.autoscaling import (
     KV_USAGE_KEY,
     WAITING_KEY,
     AutoscalingSettings,
-    ExpertGroupAutoscalingPolicy,
     ExpertGroupScaling,
     ExpertLoadMeter,
-    ExpertShardAutoscalingPolicy,
     RouterAutoscalingPolicy,
     Signal,
     decide_units,
@@ -159,100 +156,86 @@ def test_expert_load_meter():
     assert m.update(500, 12.0) == pytest.approx(100.0)  # 400 / 2 s / 2 shards
 
 
-def shard(load: float) -> dict[str, float]:
-    return {EXPERT_LOAD_KEY: load}
+def group(kv: float, load: float | None = None, latency: float | None = None) -> dict[str, float]:
+    """A router replica that is a whole expert group: its KV use plus the expert signals."""
+    out = router(kv)
+    if load is not None:
+        out[EXPERT_LOAD_KEY] = load
+    if latency is not None:
+        out[EXCHANGE_LATENCY_KEY] = latency
+    return out
 
 
-def test_shard_policy_scales_whole_gangs():
-    p = ExpertShardAutoscalingPolicy(shards_per_group=2, target_expert_load=1000, record_metrics=False)
-    num, state = p(context("ExpertShard", [shard(1800)] * 4, max_replicas=8))
-    assert num == 4 * 2 and num % 2 == 0  # ceil(2 groups * 1.8) = 4 groups
-    assert p(context("ExpertShard", [shard(100)] * 4, max_replicas=8))[0] == 2
-    assert p(context("ExpertShard", [shard(700)] * 4, max_replicas=8))[0] == 4  # in the band
-    assert p(context("ExpertShard", [shard(5000)] * 4, max_replicas=7))[0] == 6  # 7 // 2 groups at most
-    # Serve's own gang wrapper keeps it whole too.
-    gang = GangSchedulingAutoscalingPolicy(p, 2)
-    assert gang(context("ExpertShard", [shard(1800)] * 4, max_replicas=8))[0] % 2 == 0
-    with pytest.raises(ValueError):
-        ExpertShardAutoscalingPolicy(shards_per_group=2)
+def test_group_policy_scales_on_expert_load_with_kv_fine():
+    p = policy(target_kv_usage=0.7, target_expert_load=1000)
+    num, state = p(context("Router", [group(0.3, load=1800)] * 2))
+    assert num == 4 and state["router_why"] == "up: expert_load 1.8e+03 > 1000"  # ceil(2 * 1.8)
+    assert p(context("Router", [group(0.3, load=700)] * 2))[0] == 2  # in the band (low mark 500)
+    assert p(context("Router", [group(0.1, load=100)] * 3))[0] == 2  # every signal well under: one less
+    # KV over target with the experts idle: the groups still follow the routers' need.
+    assert p(context("Router", [group(0.95, load=10)] * 2))[0] == 3
 
 
-def test_shard_policy_on_exchange_latency():
-    p = ExpertShardAutoscalingPolicy(shards_per_group=3, target_exchange_latency_s=0.01, record_metrics=False)
-    assert p(context("ExpertShard", [{EXCHANGE_LATENCY_KEY: 0.05}] * 3, max_replicas=9))[0] == 9
-    assert p(context("ExpertShard", [{EXCHANGE_LATENCY_KEY: 0.001}] * 6, max_replicas=9))[0] == 3
+def test_group_policy_on_exchange_latency_and_its_ceiling():
+    p = policy(target_exchange_latency_s=0.01, expert_low_ratio=0.2)
+    assert p(context("Router", [group(0.1, latency=0.05)] * 2, max_replicas=3))[0] == 3
+    assert p(context("Router", [group(0.1, latency=0.003)] * 2))[0] == 2  # over 0.2 x target: hold
+    assert p(context("Router", [group(0.1, latency=0.001)] * 2))[0] == 1
+    # Not targeted: the signal is reported but ignored.
+    assert policy()(context("Router", [group(0.1, latency=9.0)] * 2))[0] == 1
 
 
-def group_contexts(routers, shards, *, n=2, max_groups=4, ingress_requests=None, config=None):
-    cfg = config or {}
-    ctxs = {
-        "Router": context("Router", routers, max_replicas=max_groups, config=cfg),
-        "ExpertShard": context("ExpertShard", shards, min_replicas=n, max_replicas=max_groups * n, config=cfg),
-    }
-    if ingress_requests is not None:
-        ctxs["Ingress"] = context("Ingress", [{}], max_replicas=4, config={"target_ongoing_requests": 2})
-        ctxs["Ingress"]._total_num_requests_value = ingress_requests
-    return {c.deployment_id: c for c in ctxs.values()}
+def test_group_policy_validates_expert_targets():
+    with pytest.raises(ValueError, match="target_exchange_latency_s"):
+        RouterAutoscalingPolicy(target_exchange_latency_s=0)
+    with pytest.raises(ValueError, match="expert_low_ratio"):
+        RouterAutoscalingPolicy(target_expert_load=10, expert_low_ratio=1.0)
+    with pytest.raises(ValueError, match="target_expert_load, target_exchange_latency_s or both"):
+        ExpertGroupScaling(target_exchange_latency_s=None)
+    with pytest.raises(ValueError, match="min_groups"):
+        ExpertGroupScaling(min_groups=3, max_groups=2)
 
 
-def by_name(decisions):
-    return {dep.name: n for dep, n in decisions.items()}
-
-
-def test_group_policy_moves_routers_and_shards_together():
-    p = ExpertGroupAutoscalingPolicy(shards_per_group=2, target_expert_load=1000, target_kv_usage=0.7,
-                                     record_metrics=False)
-    # Expert load over target, KV fine: one more group.
-    d, states = p(group_contexts([router(0.3)], [shard(1500)] * 2))
-    assert by_name(d) == {"Router": 2, "ExpertShard": 4}
-    # KV over target, experts idle: groups follow the routers' need.
-    d, _ = p(group_contexts([router(0.95), router(0.95)], [shard(10)] * 4))
-    assert by_name(d) == {"Router": 3, "ExpertShard": 6}
-    # Everything well under: one group less.
-    d, _ = p(group_contexts([router(0.1), router(0.1)], [shard(10)] * 4))
-    assert by_name(d) == {"Router": 1, "ExpertShard": 2}
-    # The ceiling: max_groups.
-    d, _ = p(group_contexts([router(1.0)] * 4, [shard(9000)] * 8))
-    assert by_name(d) == {"Router": 4, "ExpertShard": 8}
-    assert all("why" in s for s in states.values())
-
-
-def test_group_policy_counts_complete_groups_and_leaves_ingress_to_default():
-    p = ExpertGroupAutoscalingPolicy(shards_per_group=2, target_exchange_latency_s=0.01, record_metrics=False)
-    # Two routers but only one complete group of shards running: current = 1 group.
-    d, _ = p(group_contexts([router(0.3, 0) | {EXCHANGE_LATENCY_KEY: 0.02}] * 2, [shard(0)] * 3,
-                            ingress_requests=8.0))
-    names = by_name(d)
-    assert names["Router"] == 2 and names["ExpertShard"] == 4
-    assert names["Ingress"] == pytest.approx(4.0)  # Serve's default: 8 ongoing / target 2
-
-
-def test_group_policy_through_serve_app_level_wrapper():
-    settings = AutoscalingSettings(experts={"shards_per_group": 2, "min_groups": 1, "max_groups": 3,
-                                            "target_expert_load": 1000, "upscale_delay_s": 0,
+def test_group_settings_through_serve_instantiation_and_wrapper():
+    settings = AutoscalingSettings(experts={"min_groups": 1, "max_groups": 3, "target_expert_load": 1000,
+                                            "target_exchange_latency_s": None, "upscale_delay_s": 0,
                                             "downscale_delay_s": 0}, record_metrics=False)
-    app_policy = AutoscalingPolicy(**settings.application_policy())
-    run = _apply_app_level_autoscaling_config(_resolve_policy_callable(app_policy))
-    shard_cfg, router_cfg = settings.shard_config(), settings.router_config()
-    assert (shard_cfg["min_replicas"], shard_cfg["max_replicas"]) == (2, 6)
-    assert (router_cfg["min_replicas"], router_cfg["max_replicas"]) == (1, 3)
-    ctxs = {
-        c.deployment_id: c for c in (
-            context("Router", [router(0.2)], max_replicas=3, config=router_cfg),
-            context("ExpertShard", [shard(2500)] * 2, min_replicas=2, max_replicas=6, config=shard_cfg))}
-    decisions, _ = run(ctxs)
-    assert by_name(decisions) == {"Router": 3, "ExpertShard": 6}
+    config = settings.router_config()
+    cfg = AutoscalingConfig(**config)
+    assert (cfg.min_replicas, cfg.max_replicas) == (1, 3)  # the router bounds are the groups'
+    assert cfg.policy.policy_kwargs["target_expert_load"] == 1000
+    assert "target_exchange_latency_s" not in cfg.policy.policy_kwargs
+    run = _apply_autoscaling_config(_resolve_policy_callable(cfg.policy))
+    up, state = run(context("Router", [group(0.2, load=2500)], config=config, max_replicas=3))
+    assert up == 3
+    down, _ = run(context("Router", [group(0.0, load=0.0)] * 3, config=config, max_replicas=3, policy_state=state))
+    assert down == 2
 
 
 def test_settings_render_valid_serve_configs():
-    s = AutoscalingSettings(experts=ExpertGroupScaling(shards_per_group=4, max_groups=2))
+    s = AutoscalingSettings(experts=ExpertGroupScaling(max_groups=2))
     AutoscalingConfig(**s.ingress_config())
-    AutoscalingConfig(**s.shard_config())
     rc = AutoscalingConfig(**s.router_config())
-    assert rc.policy.is_default_policy_function()  # the application-level policy decides instead
-    assert AutoscalingPolicy(**s.application_policy()).policy_kwargs["shards_per_group"] == 4
+    assert rc.policy.policy_function.endswith(":RouterAutoscalingPolicy") and rc.max_replicas == 2
+    assert rc.policy.policy_kwargs["target_exchange_latency_s"] == 0.05
+    assert s.router_bounds() == (1, 2) and AutoscalingSettings().router_bounds() == (1, 4)
     alone = AutoscalingConfig(**AutoscalingSettings().router_config())
     assert alone.policy.policy_function.endswith(":RouterAutoscalingPolicy")
+    assert "target_expert_load" not in alone.policy.policy_kwargs
     assert AutoscalingSettings().ingress_config()["target_ongoing_requests"] == 32
-    with pytest.raises(ValueError):
-        AutoscalingSettings().application_policy()
+
+
+def test_expert_metrics_report_load_and_latency_since_the_last_read():
+    from deployments.metrics import ExpertMetrics
+
+    m = ExpertMetrics(per_expert=False)
+    m.observe_token_counts({1: [10, 30], 3: [0, 0]})
+    first = m.autoscaling_signals(num_shards=2, now=100.0)
+    assert first == {EXPERT_LOAD_KEY: 0.0, EXCHANGE_LATENCY_KEY: 0.0}  # no previous reading, no exchange
+    m.observe_token_counts({1: [50, 70], 3: [20, 20]})  # +120 pairs
+    m.observe_exchange(0.02)
+    m.observe_exchange(0.04)
+    second = m.autoscaling_signals(num_shards=2, now=102.0)
+    assert second[EXPERT_LOAD_KEY] == pytest.approx(30.0)  # 120 / 2 s / 2 shards
+    assert second[EXCHANGE_LATENCY_KEY] == pytest.approx(0.03)
+    assert m.autoscaling_signals(num_shards=2, now=104.0) == {EXPERT_LOAD_KEY: 0.0, EXCHANGE_LATENCY_KEY: 0.0}

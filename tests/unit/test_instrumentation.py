@@ -19,7 +19,14 @@ from cluster.sequence import RequestOutput
 from cluster.stats import EngineStats, KVLoad
 from deployments import instrumentation as inst
 from deployments.api_errors import BadRequest, Unavailable
-from deployments.autoscaling import KV_USAGE_KEY, RUNNING_KEY, WAITING_KEY, replica_options
+from deployments.autoscaling import (
+    EXCHANGE_LATENCY_KEY,
+    EXPERT_LOAD_KEY,
+    KV_USAGE_KEY,
+    RUNNING_KEY,
+    WAITING_KEY,
+    replica_options,
+)
 from deployments.config import AppConfig, ConfigError, parse_config
 from deployments.metrics import PREFIX, MetricDef, MetricSet, TimedDispatcher, shard_health
 
@@ -358,6 +365,9 @@ def test_router_instrumentation_times_exchanges_and_reports_autoscaling_stats(fa
     router.poll()
     assert f.total("generation_tokens_total") == 7 and f.values["kv_usage_ratio"][()] == [0.5]
     assert not f.values["shard_up"]  # local transport: no shards of its own
+    # After a poll the expert signals ride along: the exchange timed above, no load rate yet (one reading).
+    after = router.autoscaling_stats()
+    assert after[EXCHANGE_LATENCY_KEY] > 0 and after[EXPERT_LOAD_KEY] == 0.0 and after[KV_USAGE_KEY] == 0.25
 
 
 def test_shard_health_by_transport():
@@ -389,10 +399,18 @@ def test_replica_options_from_config():
     assert ingress["target_ongoing_requests"] == 8 and "initial_replicas" not in ingress
     # Every ingress replica at its max may send the routers its requests.
     assert config.router_max_ongoing_requests == 2 * config.max_ongoing_requests * config.max_n + 16
+    # Routers that are whole expert groups: bounds in groups, the expert targets beside the router's.
+    groups = AppConfig(transport="deepspeed", num_expert_shards=2, num_router_replicas=2,
+                       autoscaling={"experts": {"max_groups": 3, "target_expert_load": 500}})
+    router = replica_options(groups, "router")["autoscaling_config"]
+    assert (router["min_replicas"], router["max_replicas"], router["initial_replicas"]) == (1, 3, 2)
+    assert router["policy"]["policy_kwargs"]["target_expert_load"] == 500
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"autoscaling": {"experts": {}}}, "expert-shard Serve deployment"),
+    ({"transport": "ray", "num_expert_shards": 2, "autoscaling": {"experts": {}}}, "under transport 'ray'"),
+    ({"transport": "deepspeed", "num_expert_shards": 2, "num_router_replicas": 4,
+      "autoscaling": {"experts": {"max_groups": 3}}}, "num_router_replicas (4) is the initial"),
     ({"autoscaling": {}, "num_router_replicas": 9}, "num_router_replicas (9)"),
     ({"autoscaling": {"router": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) is above"),
     ({"autoscaling": {"router": {"metrics_interval_s": 20}}}, "metrics_interval_s"),
