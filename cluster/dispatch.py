@@ -64,6 +64,26 @@ class LocalDispatcher(Dispatcher):
         return sum_counts([s.token_counts() for s in self.shards])
 
 
+class RoutedCounter:
+    """The (token, expert) pairs a router sent to shards in other processes, per MoE layer: the
+    expert load as the router sees it (the shards count too, but their counts live over there)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._counts: dict[int, torch.Tensor] = {}
+
+    def add(self, layer: int, topk_ids: torch.Tensor) -> None:
+        ids = topk_ids[topk_ids >= 0].flatten().cpu()  # [pairs]
+        counts = torch.bincount(ids, minlength=self.num_experts)  # [E]
+        self._counts[layer] = self._counts[layer] + counts if layer in self._counts else counts
+
+    def totals(self) -> dict[int, torch.Tensor]:
+        return {layer: c.clone() for layer, c in self._counts.items()}
+
+    def pairs(self) -> dict[int, int]:
+        return {layer: int(c.sum()) for layer, c in self._counts.items()}
+
+
 def sum_counts(per_shard: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
     total: dict[int, torch.Tensor] = {}
     for counts in per_shard:

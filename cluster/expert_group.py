@@ -208,6 +208,10 @@ class RouterWorker:
     def pairs_sent(self) -> dict[int, int]:
         return dict(self.engine.dispatcher.pairs_sent)
 
+    def token_counts(self) -> dict[int, Any]:
+        """Per layer, the (token, expert) pairs this router sent: [E] per layer."""
+        return self.engine.dispatcher.token_counts()
+
     def check_integrity(self) -> tuple[int, int]:
         with self._lock:
             self.engine.check_integrity()

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import torch
 
-from cluster.dispatch import Dispatcher, ExchangeFailedError
+from cluster.dispatch import Dispatcher, ExchangeFailedError, RoutedCounter
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
 
@@ -74,7 +74,7 @@ class DeepSpeedDispatcher(Dispatcher):
         self.world = placement.num_ranks + 1
         self.hidden_size, self.top_k = hidden_size, top_k
         self.deadline_s = deadline_s
-        self.pairs_sent: dict[int, int] = {}
+        self.routed = RoutedCounter(placement.num_experts)
         self.on_failure: Callable[[DeepSpeedDispatcher], None] | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -89,6 +89,13 @@ class DeepSpeedDispatcher(Dispatcher):
 
     def leave(self) -> None:
         leave_group()
+
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        return self.routed.totals()
+
+    @property
+    def pairs_sent(self) -> dict[int, int]:
+        return self.routed.pairs()
 
     def recover(self) -> None:
         if self.on_failure is None:
@@ -134,7 +141,7 @@ class DeepSpeedDispatcher(Dispatcher):
         out = torch.zeros(hidden.shape, dtype=torch.float32)
         rows = torch.cat([s.rows for s in shares])
         out.index_add_(0, rows, partial)
-        self.pairs_sent[layer] = self.pairs_sent.get(layer, 0) + int((topk_ids >= 0).sum())
+        self.routed.add(layer, topk_ids)
         return out.to(hidden.dtype)
 
     def close(self) -> None:

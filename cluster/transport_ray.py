@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cluster.dispatch import Dispatcher, ExchangeFailedError
+from cluster.dispatch import Dispatcher, ExchangeFailedError, RoutedCounter
 from cluster.exchange_wire import ExchangeClient, WireError
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
@@ -84,9 +84,16 @@ class RayDispatcher(Dispatcher):
         self.placement = placement
         self.shards = list(shards)
         self.deadline_s = deadline_s
-        self.pairs_sent: dict[int, int] = {}
+        self.routed = RoutedCounter(placement.num_experts)
         self.on_failure: Callable[[RayDispatcher], None] | None = None
         self._clients: dict[int, ExchangeClient] = {}
+
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        return self.routed.totals()
+
+    @property
+    def pairs_sent(self) -> dict[int, int]:
+        return self.routed.pairs()
 
     def recover(self) -> None:
         if self.on_failure is None:
@@ -120,7 +127,7 @@ class RayDispatcher(Dispatcher):
         out = torch.zeros_like(hidden)  # [T, H]
         for share, part in zip(shares, parts, strict=True):
             out.index_add_(0, share.rows, part.to(device=hidden.device, dtype=hidden.dtype))
-        self.pairs_sent[layer] = self.pairs_sent.get(layer, 0) + int((topk_ids >= 0).sum())
+        self.routed.add(layer, topk_ids)
         return out
 
     def replace_shards(self, shards: list[Any]) -> None:

@@ -69,6 +69,10 @@ def test_deepspeed_group_matches_local_and_reference(ray_cluster, tiny_ckpt: Pat
         counts = [ray.get(s.token_counts.remote()) for s in group.shards]
         for layer in text.moe_layers:
             assert sum(int(c[layer].sum()) for c in counts) == sent[layer] > 0
+        # ... and the router's own per-expert view (what its metrics export) equals the shards'.
+        routed = ray.get(group.router.token_counts.remote())
+        for layer in text.moe_layers:
+            assert routed[layer].tolist() == sum(c[layer] for c in counts).tolist()
         free, total = ray.get(group.router.check_integrity.remote())
         assert free == total
     finally:

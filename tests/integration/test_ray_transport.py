@@ -49,6 +49,9 @@ def test_ray_transport_matches_local_and_reference(ray_cluster, tiny_ckpt: Path,
         counts = [ray.get(s.token_counts.remote()) for s in shards]
         for layer in sent[0]:
             assert sum(int(c[layer].sum()) for c in counts if layer in c) == sum(s[layer] for s in sent)
+        routed = [ray.get(r.token_counts.remote()) for r in routers]  # per expert, as the routers saw it
+        for layer in routed[0]:
+            assert sum(r[layer] for r in routed).tolist() == sum(c[layer] for c in counts if layer in c).tolist()
         for r in routers:
             free, total = ray.get(r.check_integrity.remote())
             assert free == total
