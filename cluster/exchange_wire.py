@@ -46,10 +46,25 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy())
 
 
-def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if not buf:
+def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0,
+            nbytes: int | None = None) -> torch.Tensor:
+    nbytes = len(buf) - offset if nbytes is None else nbytes
+    if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    return torch.frombuffer(buf, dtype=dtype, offset=offset, count=nbytes // torch.empty((), dtype=dtype)
+                            .element_size()).reshape(shape)
+
+
+def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Scatter-gather send: one system call for the whole frame where the kernel takes it all."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
 
 
 # -- the shard's side -------------------------------------------------------------------------
@@ -86,10 +101,11 @@ class ExchangeServer:
                     dtype = _DTYPES.get(code)
                     if dtype is None or h != self.hidden_size or n < 0 or k <= 0:
                         raise WireError(f"bad frame: n={n} H={h} (expected {self.hidden_size}) K={k} dtype={code}")
-                    size = torch.empty((), dtype=dtype).element_size()
-                    hidden = _tensor(_recv_exact(conn, n * h * size), dtype, (n, h))  # [n, H]
-                    ids = _tensor(_recv_exact(conn, n * k * 8), torch.int64, (n, k))  # [n, K]
-                    weights = _tensor(_recv_exact(conn, n * k * 4), torch.float32, (n, k))  # [n, K]
+                    hidden_bytes = n * h * torch.empty((), dtype=dtype).element_size()
+                    payload = _recv_exact(conn, hidden_bytes + n * k * 12)  # one read for the three arrays
+                    hidden = _tensor(payload, dtype, (n, h), 0, hidden_bytes)  # [n, H]
+                    ids = _tensor(payload, torch.int64, (n, k), hidden_bytes, n * k * 8)  # [n, K]
+                    weights = _tensor(payload, torch.float32, (n, k), hidden_bytes + n * k * 8, n * k * 4)  # [n, K]
                 except (OSError, WireError) as exc:
                     if not self._closed and not isinstance(exc, WireError | ConnectionResetError):
                         log.warning("exchange connection dropped: %s", exc)
@@ -102,8 +118,7 @@ class ExchangeServer:
                     conn.sendall(_STATUS.pack(1, len(message)) + message)
                     continue
                 try:
-                    conn.sendall(_STATUS.pack(0, 0))
-                    conn.sendall(_raw(out))
+                    _send_all(conn, [_STATUS.pack(0, 0), _raw(out)])
                 except OSError:
                     return
 
@@ -138,10 +153,8 @@ class ExchangeClient:
             raise TypeError(f"the ray transport carries float32, bfloat16 or float16 rows, not {hidden.dtype}")
         self.sock.settimeout(timeout_s)
         try:
-            self.sock.sendall(_HEADER.pack(layer, n, h, ids.shape[1], code))
-            self.sock.sendall(_raw(hidden))
-            self.sock.sendall(_raw(ids.to(torch.int64)))
-            self.sock.sendall(_raw(weights.to(torch.float32)))
+            _send_all(self.sock, [_HEADER.pack(layer, n, h, ids.shape[1], code), _raw(hidden),
+                                  _raw(ids.to(torch.int64)), _raw(weights.to(torch.float32))])
         except OSError as exc:
             raise WireError(f"send failed: {exc}") from exc
         self._pending = (n, h, hidden.dtype)
