@@ -179,22 +179,8 @@ class RouterWorker:
     def time_exchange(self, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
         """Seconds per round trip of one MoE layer's exchange (dispatch + combine) of
         `num_tokens` random tokens through this router's transport."""
-        import torch
-
-        text = self.engine.text
-        gen = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(num_tokens, text.hidden_size, generator=gen, dtype=self.engine.model.dtype)
-        ids = torch.stack([torch.randperm(text.n_routed_experts, generator=gen)[:text.num_experts_per_tok]
-                           for _ in range(num_tokens)])
-        weights = torch.rand(num_tokens, text.num_experts_per_tok, generator=gen)
-        layer = text.moe_layers[0]
-        times = []
         with self._lock:
-            for _ in range(repeats + 2):
-                start = time.perf_counter()
-                self.engine.dispatcher.dispatch(layer, hidden, ids, weights)
-                times.append(time.perf_counter() - start)
-        return times[2:]  # the first two warm the path up
+            return time_dispatch(self.engine, num_tokens, repeats, seed)
 
     def stats(self) -> Any:
         return self.engine.stats()
@@ -283,6 +269,27 @@ class ExpertGroup:
             ray.get(self.registry.shutdown.remote(), timeout=60)
             for actor in [*self.routers, self.registry]:
                 ray.kill(actor)
+
+
+def time_dispatch(engine: Any, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
+    """Seconds per `engine.dispatcher.dispatch` of the first MoE layer for `num_tokens` random
+    tokens (after two warm-up calls): the exchange through a transport, or the experts' compute
+    alone with the in-process dispatcher."""
+    import torch
+
+    text = engine.text
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, text.hidden_size, generator=gen, dtype=engine.model.dtype)  # [T, H]
+    ids = torch.stack([torch.randperm(text.n_routed_experts, generator=gen)[:text.num_experts_per_tok]
+                       for _ in range(num_tokens)])  # [T, K]
+    weights = torch.rand(num_tokens, text.num_experts_per_tok, generator=gen)  # [T, K]
+    layer = text.moe_layers[0]
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        engine.dispatcher.dispatch(layer, hidden, ids, weights)
+        times.append(time.perf_counter() - start)
+    return times[2:]
 
 
 def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None) -> Any:

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> str:
     from ray.cluster_utils import Cluster
 
     from cluster import LLM, SamplingParams
+    from cluster.expert_group import time_dispatch
 
     torch.set_num_threads(args.threads)
     preset = "tiny" if args.smoke else args.preset
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> str:
         for transport in TRANSPORTS:
             router = sides[transport].group.router
             exchange[transport] = {t: ray.get(router.time_exchange.remote(t, repeats)) for t in exchange_tokens}
+        in_process = {t: time_dispatch(local.engine, t, repeats) for t in exchange_tokens}
         text = local.engine.text
         for transport in TRANSPORTS:
             sides[transport].close()
@@ -124,10 +126,10 @@ def run(args: argparse.Namespace) -> str:
         cluster.shutdown()
     width = text.hidden_size + 2 * text.num_experts_per_tok
     pipes = {t: pipe_round_trip(t * width * 4, t * text.hidden_size * 4, repeats) for t in exchange_tokens}
-    return _table(args, preset, rates, exchange, pipes)
+    return _table(args, preset, rates, exchange, in_process, pipes)
 
 
-def _table(args, preset, rates, exchange, pipes) -> str:
+def _table(args, preset, rates, exchange, in_process, pipes) -> str:
     lines = [f"Command: `{shlex.join(['python', '-m', 'ops.bench.ep', *sys.argv[1:]])}`  ",
              f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, checkpoint preset `{preset}`, "
              f"{machine_line(args.threads)}; 2 shards on 2 Ray nodes of one machine.", "",
@@ -137,13 +139,17 @@ def _table(args, preset, rates, exchange, pipes) -> str:
         base = row["in-process"]
         cells = [f"{row[t]:.1f} ({row[t] / base:.2f}x)" for t in TRANSPORTS]
         lines.append(f"| {name} | {base:.1f} | {' | '.join(cells)} |")
-    lines += ["", "| exchange tokens | pipe p50 (us) | " + " | ".join(
-        f"{t} p50 / p99 (us, x pipe p50)" for t in TRANSPORTS) + " |", "|---|---|" + "---|" * len(TRANSPORTS)]
+    # In-process: the same call through the LocalDispatcher, i.e. the experts' compute with no
+    # transport; "beyond" is a transport's p50 less that, in pipe round trips.
+    lines += ["", "| exchange tokens | pipe p50 (us) | in-process p50 (us) | " + " | ".join(
+        f"{t} p50 / p99 (us; x pipe p50; beyond in-process, x pipe p50)" for t in TRANSPORTS) + " |",
+        "|---|---|---|" + "---|" * len(TRANSPORTS)]
     for t, pipe in pipes.items():
-        p = statistics.median(pipe)
+        p, local = statistics.median(pipe), _pct(in_process[t], .5)
         cells = [f"{_pct(exchange[tr][t], .5) * 1e6:.0f} / {_pct(exchange[tr][t], .99) * 1e6:.0f} "
-                 f"({_pct(exchange[tr][t], .5) / p:.1f}x)" for tr in TRANSPORTS]
-        lines.append(f"| {t} | {p * 1e6:.0f} | {' | '.join(cells)} |")
+                 f"({_pct(exchange[tr][t], .5) / p:.1f}x; {(_pct(exchange[tr][t], .5) - local) / p:.1f}x)"
+                 for tr in TRANSPORTS]
+        lines.append(f"| {t} | {p * 1e6:.0f} | {local * 1e6:.0f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
