@@ -42,11 +42,11 @@ class ShardRegistry:
     """Ray actor: the placement group of the shards and the current shard actor of every rank;
     replaces dead ones in their bundle."""
 
-    def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
+    def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None, pg: Any = None) -> None:
         import ray
 
         self.spec = spec
-        self.pg = _shard_placement_group(spec, require_distinct_nodes)
+        self.pg = pg if pg is not None else _shard_placement_group(spec, require_distinct_nodes)
         self.generation = [0] * spec.num_shards
         self.shards = [self._start(rank) for rank in range(spec.num_shards)]
         ray.get([s.ready.remote() for s in self.shards])
@@ -87,7 +87,7 @@ class GroupRouter:
     dispatcher and re-forms the group when an exchange fails. Used inside a `RouterWorker`
     actor and inside the Serve `Router` deployment alike."""
 
-    def __init__(self, spec: GroupSpec, registry: Any) -> None:
+    def __init__(self, spec: GroupSpec, registry: Any, owns_registry: bool = False) -> None:
         import ray
 
         from cluster.config import load_model_config
@@ -110,6 +110,8 @@ class GroupRouter:
                                              spec.exchange_deadline_s)
             self._form(dispatcher, shards)
         dispatcher.on_failure = self._reform
+        if owns_registry:  # the group leaves with this router (scale-down, shutdown)
+            dispatcher.on_close = self._release_group
         self.engine = LLMEngine(spec.model_dir, spec.engine, dispatcher=dispatcher)
 
     def _form(self, dispatcher: Any, shards: list[Any]) -> None:
@@ -122,6 +124,15 @@ class GroupRouter:
         joins = [s.join_deepspeed.remote(address, self.spec.exchange_deadline_s) for s in shards]
         dispatcher.join(address)
         ray.get(joins)
+
+    def _release_group(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.registry.shutdown.remote(), timeout=30)  # the shards, then the placement group
+            ray.kill(self.registry)
+        except Exception:  # noqa: BLE001 - best effort on the way out; the registry's owner is going too
+            log.warning("releasing the expert group failed", exc_info=True)
 
     def _reform(self, dispatcher: Any) -> None:
         import ray
@@ -313,12 +324,14 @@ def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None)
 
 def shared_registry(spec: GroupSpec, name: str, detached: bool = True) -> Any:
     """The named registry `name` (created with its shards on first use, then shared): how
-    Serve router replicas find the expert shards they share. `detached=False` makes the registry
-    (and with it its shards and placement group, which fate-share with their creator) live only
-    as long as the calling process: a router replica that owns its group takes the group with it
-    when it is scaled down or replaced."""
+    Serve router replicas find the expert shards they share. `detached=False` is for a router that
+    owns its group (`GroupRouter(..., owns_registry=True)` releases it on close): the registry
+    then fate-shares with the calling process, and the placement group is created here, so that a
+    caller that is itself a detached actor (a Serve replica) takes it along if it dies without
+    closing (a placement group lives as long as the job or detached actor that created it)."""
     import ray
 
     cls = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry)
-    return cls.options(name=name, namespace="moe-cluster", get_if_exists=True,
-                       lifetime="detached" if detached else None).remote(spec)
+    if detached:
+        return cls.options(name=name, namespace="moe-cluster", get_if_exists=True, lifetime="detached").remote(spec)
+    return cls.options(name=name, namespace="moe-cluster").remote(spec, pg=_shard_placement_group(spec, None))

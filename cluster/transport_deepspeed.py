@@ -76,6 +76,7 @@ class DeepSpeedDispatcher(Dispatcher):
         self.deadline_s = deadline_s
         self.routed = RoutedCounter(placement.num_experts)
         self.on_failure: Callable[[DeepSpeedDispatcher], None] | None = None
+        self.on_close: Callable[[], None] | None = None  # after leaving: e.g. release a group this router owns
         self._closed = False
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -154,6 +155,8 @@ class DeepSpeedDispatcher(Dispatcher):
                 self._header(STOP, [0] * self.world)
             finally:
                 leave_group()
+                if self.on_close is not None:
+                    self.on_close()
 
 
 def _pack(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,7 @@ class RayDispatcher(Dispatcher):
         self.deadline_s = deadline_s
         self.routed = RoutedCounter(placement.num_experts)
         self.on_failure: Callable[[RayDispatcher], None] | None = None
+        self.on_close: Callable[[], None] | None = None  # after disconnecting: e.g. release an owned group
         self._clients: dict[int, ExchangeClient] = {}
 
     def token_counts(self) -> dict[int, torch.Tensor]:
@@ -136,6 +137,8 @@ class RayDispatcher(Dispatcher):
 
     def close(self) -> None:
         self._disconnect()
+        if self.on_close is not None:
+            self.on_close()
 
     def _disconnect(self) -> None:
         for client in self._clients.values():

@@ -34,6 +34,6 @@ def build_router_engine(config: AppConfig, model_dir: Path) -> LLMEngine:
     owned = config.transport == "deepspeed"  # a process group pairs one router with its own shards
     if owned:  # ... which leave with the replica (scale-down, restart): the group is the unit
         name += f"-{serve.get_replica_context().replica_id.unique_id}"
-    member = GroupRouter(spec, shared_registry(spec, name, detached=not owned))
+    member = GroupRouter(spec, shared_registry(spec, name, detached=not owned), owns_registry=owned)
     logger.info("router joined expert registry %s (%s, %d shards)", name, config.transport, config.num_expert_shards)
     return member.engine

@@ -83,6 +83,13 @@ def _alive_shards() -> int:
     return len(list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")], limit=1000))
 
 
+def _free_slots() -> tuple[float, float]:
+    """(free, total) `expert_slot` resources: a group's placement group holds one per shard."""
+    import ray
+
+    return ray.available_resources().get("expert_slot", 0.0), ray.cluster_resources().get("expert_slot", 0.0)
+
+
 def _router_stats() -> dict[str, float]:
     from ray import serve
 
@@ -119,6 +126,8 @@ def app_url(ray_cluster, tiny_ckpt: Path):
     finally:
         if ray.is_initialized():  # (serve.shutdown would start a new local Ray otherwise)
             serve.shutdown()
+            # Every group released its placement on the way out: the next tests need the slots.
+            _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == _free_slots()[1], 60, [])
 
 
 def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: str) -> None:
@@ -138,6 +147,7 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
 
     assert replicas() == (1, 1)
     assert _alive_shards() == 1  # the first group: one router, its one shard
+    assert _free_slots()[0] == _free_slots()[1] - 1
     for t in threads:
         t.start()
     try:
@@ -156,6 +166,8 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
             t.join(timeout=120)
         down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
         _wait("the removed group's shard gone", lambda: _alive_shards() == 1, 60, seen)
+        _, total = _free_slots()
+        _wait("the removed group's placement released", lambda: _free_slots()[0] == total - 1, 60, seen)
         time.sleep(1)  # the trickle runs on past the removal
     finally:
         stop_long.set()
