@@ -83,6 +83,22 @@ class ChatParser:
         self._consumed = len(token_ids)
         return self._release(visible_chars)
 
+    def prime(self, token_ids: list[int]) -> None:
+        """Tokens the answer was made to start with (a forced tool call: `[TOOL_CALLS]name[ARGS]`),
+        parsed as if generated. The engine's text does not hold them, so the call's name is taken
+        at once rather than released against that text; the call starts with the first delta."""
+        for tok in token_ids:
+            self._token(int(tok))
+        kept = []
+        for piece in self._pending:
+            if piece.kind == TOOL_NAME:
+                self.calls[piece.call].name += piece.text
+            elif piece.kind == CALL_START:
+                kept.append(piece)
+            else:
+                raise ValueError(f"a forced prefix carries only a tool call's start, not {piece.kind} text")
+        self._pending = kept
+
     def finish(self, visible_chars: int) -> ChatDelta:
         """The last delta; a call cut before its [ARGS] still reports its name."""
         delta = self._release(visible_chars)

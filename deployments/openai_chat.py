@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cluster.tokenizer import Tokenizer
 from deployments.api_errors import APIError, BadRequest, to_api_error
 from deployments.chat import ChatDelta, ChatParser
 from deployments.engine_client import EngineStream, merged
@@ -18,8 +19,7 @@ from deployments.service import IngressCore
 
 
 def prompt_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-    """The tools the prompt shows the model. Without constrained decoding, "required" and a named
-    choice cannot force a call; a named choice shows only that tool, "none" shows none."""
+    """The tools the prompt shows the model: a named choice shows only that tool, "none" none."""
     choice = body.tool_choice
     if choice is None or choice == "auto" or choice == "required":
         if choice == "required" and not body.tools:
@@ -35,6 +35,23 @@ def prompt_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     return named
 
 
+def forced_prefix(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """The tokens the answer is made to start with: `[TOOL_CALLS]` for tool_choice "required",
+    `[TOOL_CALLS]name[ARGS]` for a named choice (the model then writes the arguments), none
+    otherwise. They go at the end of the prompt, and the answer's parser takes them as its first
+    tokens, so the call is in the answer whatever the model would have begun with. (The arguments
+    are the model's: without constrained decoding they are not checked against the schema.)"""
+    choice = body.tool_choice
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        if tokenizer.tool_calls_id is None or tokenizer.args_id is None:
+            raise BadRequest("this model's tokenizer has no tool-call tokens: tool_choice 'required' or a named "
+                             "function cannot be enforced", "tool_choice")
+        if choice == "required":
+            return [tokenizer.tool_calls_id]
+        return [tokenizer.tool_calls_id, *tokenizer.encode_text(choice.function.name, bos=False), tokenizer.args_id]
+    return []
+
+
 def tool_call_json(call: Any, index: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"id": call.id, "type": "function",
                            "function": {"name": call.name, "arguments": call.arguments}}
@@ -45,11 +62,13 @@ def tool_call_json(call: Any, index: int | None = None) -> dict[str, Any]:
 
 class ChatJob(Job):
     def __init__(self, core: IngressCore, body: ChatCompletionRequest, rid: str, streams: list[EngineStream],
-                 prompt: list[int], model: str) -> None:
+                 prompt: list[int], model: str, forced: list[int] | None = None) -> None:
         super().__init__(rid, streams, model, body.include_usage)
         self.body, self.prompt = body, prompt
         self.tokens = TokenText(core.tokenizer)
         self.parsers = [ChatParser(core.tokenizer) for _ in streams]
+        for parser in self.parsers:
+            parser.prime(forced or [])
 
     async def collect(self) -> dict[str, Any]:
         last: dict[int, Any] = {}
@@ -150,7 +169,8 @@ async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     no_images = None if info.has_vision and core.vision.available else info.name
     async with core.images.decoded(body.messages, no_images) as (messages, _):
         encoded = await asyncio.to_thread(core.encode_chat, messages, prompt_tools(body), body.reasoning_effort)
-    prompt = list(encoded.token_ids)
+    forced = forced_prefix(body, core.tokenizer)
+    prompt = list(encoded.token_ids) + forced
     core.check_prompt(prompt, info, "messages")
     core.check_n(body.n, 1)
     max_tokens = core.max_tokens(body.requested_max_tokens, [len(prompt)], info, core.config.max_tokens)
@@ -158,4 +178,4 @@ async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     params = core.sampling_params(body, max_tokens, logprobs)
     images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
     rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages")
-    return ChatJob(core, body, rid, streams, prompt, info.name)
+    return ChatJob(core, body, rid, streams, prompt, info.name, forced)

@@ -102,3 +102,19 @@ def test_chat_parser_never_shows_more_than_the_engine_text(tiny_ckpt):
     shown += d.reasoning + d.content
     assert (parser.reasoning, parser.content) == ("Plan it", "Done.")
     assert shown == full[:cut]
+
+
+def test_chat_parser_takes_a_forced_call_prefix(tiny_ckpt):
+    t = Tokenizer.from_model_dir(tiny_ckpt)
+    parser = ChatParser(t)
+    parser.prime([t.tool_calls_id, *t.encode_text("get_weather", bos=False), t.args_id])
+    assert [c.name for c in parser.calls] == ["get_weather"]
+    args = t.encode_text('{"city": "Paris"}', bos=False)  # what the model generates after the prefix
+    first = parser.feed(args[:1], len(t.decode(args[:1])))
+    assert first.tool_calls[0].id and first.tool_calls[0].name == "get_weather"  # the call starts at once
+    parser.feed(args, len(t.decode(args)))
+    parser.finish(len(t.decode(args)))
+    assert parser.calls[0].arguments == '{"city": "Paris"}' and parser.content == ""
+    assert parser.finish_reason("stop") == "tool_calls"
+    with pytest.raises(ValueError, match="content"):
+        ChatParser(t).prime(t.encode_text("hello", bos=False))

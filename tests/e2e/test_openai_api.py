@@ -156,6 +156,46 @@ def test_tool_call_parsed(server, stream):
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def _tool_calls(c, stream: bool, **kwargs) -> tuple[list[tuple[str, str]], str | None]:
+    """(name, arguments) of each call, and the finish reason, from a whole or streamed answer."""
+    if not stream:
+        choice = c.chat.completions.create(**kwargs).choices[0]
+        return [(t.function.name, t.function.arguments) for t in choice.message.tool_calls or []], choice.finish_reason
+    acc: dict[int, list] = {}
+    finish = None
+    for ch in c.chat.completions.create(stream=True, **kwargs):
+        for t in ch.choices[0].delta.tool_calls or []:
+            entry = acc.setdefault(t.index, ["", ""])
+            entry[0] = entry[0] or (t.function.name if t.function and t.function.name else "")
+            entry[1] += (t.function.arguments or "") if t.function else ""
+        finish = ch.choices[0].finish_reason or finish
+    return [tuple(acc[i]) for i in sorted(acc)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_makes_the_answer_a_call(server, stream):
+    # The think app's model never calls a tool on its own ...
+    c = client(server, "think")
+    base = dict(model="think", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL],
+                max_tokens=32, temperature=0)
+    assert _tool_calls(c, stream, **base, tool_choice="auto")[0] == []
+    # ... a named choice makes its answer that call.
+    calls, finish = _tool_calls(c, stream, **base, tool_choice={"type": "function",
+                                                                 "function": {"name": TOOL_NAME}})
+    assert [name for name, _ in calls] == [TOOL_NAME] and finish == "tool_calls"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": TOOL_NAME}}])
+def test_forced_tool_call_continues_as_the_model_would(server, choice):
+    # The tool app's model calls get_weather by itself: forcing the call's first tokens changes nothing.
+    c = client(server, "tool")
+    base = dict(model="tool", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL],
+                max_tokens=64, temperature=0)
+    calls, finish = _tool_calls(c, False, **base, tool_choice=choice)
+    assert len(calls) == 1 and calls[0][0] == TOOL_NAME and json.loads(calls[0][1]) == json.loads(TOOL_ARGS)
+    assert finish == "tool_calls"
+
+
 def test_health_and_ready_need_no_key(server):
     for path in ("/health", "/ready"):
         r = httpx.get(server.url(path), timeout=30)
