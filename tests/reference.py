@@ -25,6 +25,16 @@ def load_reference(model_dir: str):  # noqa: ANN201 - a transformers model
     return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def pixel_inputs(images: list) -> dict[str, torch.Tensor]:
+    """transformers' image layout from mistral-common's [C, H, W] arrays: a zero-padded batch
+    [B, C, Hmax, Wmax] plus image_sizes [B, 2]."""
+    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    pixels = torch.zeros(len(images), images[0].shape[0], hmax, wmax)
+    for b, im in enumerate(images):
+        pixels[b, :, : im.shape[1], : im.shape[2]] = torch.from_numpy(im)
+    return {"pixel_values": pixels, "image_sizes": torch.tensor([im.shape[1:] for im in images])}
+
+
 def reference_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, **inputs) -> Reference:
     model = load_reference(str(model_dir))
     with torch.no_grad():

@@ -13,12 +13,11 @@ import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from cluster.tokenizer import Tokenizer
 from tests.e2e.support import KEY, MAX_IMAGE_BYTES, MAX_IMAGES
-from tests.reference import assert_matches_reference, reference_greedy
+from tests.reference import assert_matches_reference, pixel_inputs, reference_greedy
 from tests.unit.test_images import png_claiming
 
 NEW_TOKENS = 12
@@ -60,14 +59,6 @@ def ingress_stats(app: str = "main") -> dict:
     from ray import serve
 
     return serve.get_app_handle(app).process_stats.remote().result(timeout_s=30)
-
-
-def pixel_inputs(images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    pixels = torch.zeros(len(images), images[0].shape[0], hmax, wmax)
-    for b, im in enumerate(images):
-        pixels[b, :, : im.shape[1], : im.shape[2]] = torch.from_numpy(im)
-    return {"pixel_values": pixels, "image_sizes": torch.tensor([im.shape[1:] for im in images])}
 
 
 def test_image_answer_matches_transformers(server):

@@ -23,7 +23,7 @@ from cluster.vision import (
     VisionEncoder,
     merge_image_embeddings,
 )
-from tests.reference import assert_matches_reference, load_reference, reference_greedy
+from tests.reference import assert_matches_reference, load_reference, pixel_inputs, reference_greedy
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -41,15 +41,6 @@ def _chat(text: str, *sizes: tuple[int, int], seed: int = 0) -> dict:
     parts = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": _data_url(w, h, seed + i)}} for i, (w, h) in enumerate(sizes)]
     return {"messages": [{"role": "user", "content": parts}]}
-
-
-def _pixel_inputs(images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """transformers' layout: a zero-padded batch [B, C, Hmax, Wmax] plus image_sizes [B, 2]."""
-    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    pixels = torch.zeros(len(images), images[0].shape[0], hmax, wmax)
-    for b, im in enumerate(images):
-        pixels[b, :, : im.shape[1], : im.shape[2]] = torch.from_numpy(im)
-    return {"pixel_values": pixels, "image_sizes": torch.tensor([im.shape[1:] for im in images])}
 
 
 def _assert_clean(llm: LLM) -> None:
@@ -79,7 +70,7 @@ def _check_image_request(llm: LLM, tiny_ckpt, prompt: dict, num_images: int) -> 
     [out] = llm.generate(prompt, GREEDY, use_tqdm=False)
     assert llm.vision.calls == calls + 1
     assert list(out.prompt_token_ids) == chat.token_ids
-    ref = reference_greedy(tiny_ckpt, chat.token_ids, NEW_TOKENS, **_pixel_inputs(chat.images))
+    ref = reference_greedy(tiny_ckpt, chat.token_ids, NEW_TOKENS, **pixel_inputs(chat.images))
     assert_matches_reference(out.token_ids, ref, f"{num_images}-image request")
     # the pixels must matter, or this parity would hold with the images ignored
     assert reference_greedy(tiny_ckpt, chat.token_ids, NEW_TOKENS).tokens != ref.tokens
@@ -92,7 +83,7 @@ def test_encoder_matches_transformers_image_features(tiny_ckpt, encoder):
     got = encoder.encode(images)
     ref = load_reference(str(tiny_ckpt))
     with torch.no_grad():
-        want = ref.model.get_image_features(**_pixel_inputs(images)).pooler_output
+        want = ref.model.get_image_features(**pixel_inputs(images)).pooler_output
     assert [tuple(g.shape) for g in got] == [(6, encoder.hidden_size), (4, encoder.hidden_size)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
@@ -138,10 +129,10 @@ def test_image_request_batched_with_text_requests(llm, tiny_ckpt):
     assert llm.vision.calls == calls + 1  # three images of two requests, one encoder call
     refs = [
         reference_greedy(tiny_ckpt, tok.encode_text(prompts[0]), NEW_TOKENS),
-        reference_greedy(tiny_ckpt, chat.token_ids, NEW_TOKENS, **_pixel_inputs(chat.images)),
+        reference_greedy(tiny_ckpt, chat.token_ids, NEW_TOKENS, **pixel_inputs(chat.images)),
         reference_greedy(tiny_ckpt, prompts[2], NEW_TOKENS),
         reference_greedy(tiny_ckpt, tok.encode_chat(text_chat["messages"]).token_ids, NEW_TOKENS),
-        reference_greedy(tiny_ckpt, two_chat.token_ids, NEW_TOKENS, **_pixel_inputs(two_chat.images)),
+        reference_greedy(tiny_ckpt, two_chat.token_ids, NEW_TOKENS, **pixel_inputs(two_chat.images)),
     ]
     for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
         assert_matches_reference(out.token_ids, ref, f"request {i}")
