@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -82,6 +83,35 @@ class RoutedCounter:
 
     def pairs(self) -> dict[int, int]:
         return {layer: int(c.sum()) for layer, c in self._counts.items()}
+
+
+class RemoteDispatcher(Dispatcher):
+    """What the transports to shards in other processes share: the pairs they route (their
+    token counts), `on_failure` (set by the group that can re-form them: `recover()` calls it) and
+    `on_close` (called once the transport has let go: e.g. to release a group the router owns)."""
+
+    def __init__(self, placement: ExpertPlacement, deadline_s: float) -> None:
+        self.placement = placement
+        self.deadline_s = deadline_s
+        self.routed = RoutedCounter(placement.num_experts)
+        self.on_failure: Callable[[Any], None] | None = None
+        self.on_close: Callable[[], None] | None = None
+
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        return self.routed.totals()
+
+    @property
+    def pairs_sent(self) -> dict[int, int]:
+        return self.routed.pairs()
+
+    def recover(self) -> None:
+        if self.on_failure is None:
+            raise ExchangeFailedError("no way to re-form this group (no on_failure handler)")
+        self.on_failure(self)
+
+    def _after_close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
 
 
 def sum_counts(per_shard: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:

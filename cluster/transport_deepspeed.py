@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from cluster.dispatch import Dispatcher, ExchangeFailedError, RoutedCounter
+from cluster.dispatch import ExchangeFailedError, RemoteDispatcher
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
 
@@ -66,17 +65,13 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
     dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits)
 
 
-class DeepSpeedDispatcher(Dispatcher):
+class DeepSpeedDispatcher(RemoteDispatcher):
     """The router's side (rank 0). Holds no expert weights."""
 
     def __init__(self, placement: ExpertPlacement, hidden_size: int, top_k: int, deadline_s: float = 30.0) -> None:
-        self.placement = placement
+        super().__init__(placement, deadline_s)
         self.world = placement.num_ranks + 1
         self.hidden_size, self.top_k = hidden_size, top_k
-        self.deadline_s = deadline_s
-        self.routed = RoutedCounter(placement.num_experts)
-        self.on_failure: Callable[[DeepSpeedDispatcher], None] | None = None
-        self.on_close: Callable[[], None] | None = None  # after leaving: e.g. release a group this router owns
         self._closed = False
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -91,18 +86,9 @@ class DeepSpeedDispatcher(Dispatcher):
     def leave(self) -> None:
         leave_group()
 
-    def token_counts(self) -> dict[int, torch.Tensor]:
-        return self.routed.totals()
-
-    @property
-    def pairs_sent(self) -> dict[int, int]:
-        return self.routed.pairs()
-
     def recover(self) -> None:
-        if self.on_failure is None:
-            raise ExchangeFailedError("no way to re-form this group (no on_failure handler)")
-        with self._lock:
-            self.on_failure(self)
+        with self._lock:  # the heartbeat must not send while the group is re-formed
+            super().recover()
 
     def _beat(self) -> None:
         while not self._closed:
@@ -155,8 +141,7 @@ class DeepSpeedDispatcher(Dispatcher):
                 self._header(STOP, [0] * self.world)
             finally:
                 leave_group()
-                if self.on_close is not None:
-                    self.on_close()
+                self._after_close()
 
 
 def _pack(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

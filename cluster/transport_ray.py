@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cluster.dispatch import Dispatcher, ExchangeFailedError, RoutedCounter
+from cluster.dispatch import ExchangeFailedError, RemoteDispatcher
 from cluster.exchange_wire import ExchangeClient, WireError
 from cluster.expert_shard import ExpertShard, split_by_rank
 from cluster.placement import ExpertPlacement
@@ -76,30 +75,14 @@ class Coalescer:
         return me.result
 
 
-class RayDispatcher(Dispatcher):
+class RayDispatcher(RemoteDispatcher):
     """A router's side: sends each shard its rows over the shard's connection, then collects the
     partial sums, all under one deadline."""
 
     def __init__(self, placement: ExpertPlacement, shards: list[Any], deadline_s: float = 30.0) -> None:
-        self.placement = placement
+        super().__init__(placement, deadline_s)
         self.shards = list(shards)
-        self.deadline_s = deadline_s
-        self.routed = RoutedCounter(placement.num_experts)
-        self.on_failure: Callable[[RayDispatcher], None] | None = None
-        self.on_close: Callable[[], None] | None = None  # after disconnecting: e.g. release an owned group
         self._clients: dict[int, ExchangeClient] = {}
-
-    def token_counts(self) -> dict[int, torch.Tensor]:
-        return self.routed.totals()
-
-    @property
-    def pairs_sent(self) -> dict[int, int]:
-        return self.routed.pairs()
-
-    def recover(self) -> None:
-        if self.on_failure is None:
-            raise ExchangeFailedError("no way to re-form this group (no on_failure handler)")
-        self.on_failure(self)
 
     def _client(self, rank: int, deadline: float) -> ExchangeClient:
         import ray
@@ -137,8 +120,7 @@ class RayDispatcher(Dispatcher):
 
     def close(self) -> None:
         self._disconnect()
-        if self.on_close is not None:
-            self.on_close()
+        self._after_close()
 
     def _disconnect(self) -> None:
         for client in self._clients.values():
