@@ -51,8 +51,7 @@ def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...], offset: 
     nbytes = len(buf) - offset if nbytes is None else nbytes
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype, offset=offset, count=nbytes // torch.empty((), dtype=dtype)
-                            .element_size()).reshape(shape)
+    return torch.frombuffer(buf, dtype=dtype, offset=offset, count=nbytes // dtype.itemsize).reshape(shape)
 
 
 def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
@@ -101,7 +100,7 @@ class ExchangeServer:
                     dtype = _DTYPES.get(code)
                     if dtype is None or h != self.hidden_size or n < 0 or k <= 0:
                         raise WireError(f"bad frame: n={n} H={h} (expected {self.hidden_size}) K={k} dtype={code}")
-                    hidden_bytes = n * h * torch.empty((), dtype=dtype).element_size()
+                    hidden_bytes = n * h * dtype.itemsize
                     payload = _recv_exact(conn, hidden_bytes + n * k * 12)  # one read for the three arrays
                     hidden = _tensor(payload, dtype, (n, h), 0, hidden_bytes)  # [n, H]
                     ids = _tensor(payload, torch.int64, (n, k), hidden_bytes, n * k * 8)  # [n, K]
@@ -169,8 +168,7 @@ class ExchangeClient:
             status, length = _STATUS.unpack(_recv_exact(self.sock, _STATUS.size))
             if status != 0:
                 raise WireError(f"shard failed: {_recv_exact(self.sock, length).decode(errors='replace')}")
-            size = torch.empty((), dtype=dtype).element_size()
-            return _tensor(_recv_exact(self.sock, n * h * size), dtype, (n, h))  # [n, H]
+            return _tensor(_recv_exact(self.sock, n * h * dtype.itemsize), dtype, (n, h))  # [n, H]
         except OSError as exc:
             raise WireError(f"receive failed: {exc}") from exc
 
