@@ -8,6 +8,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from cluster.tokenizer import Tokenizer
 from tests.e2e.support import ANSWER_TEXT, KEY, THINK_TEXT, TOOL_ARGS, TOOL_NAME
 from tests.reference import assert_matches_reference, reference_greedy
 
@@ -194,6 +195,14 @@ def test_forced_tool_call_continues_as_the_model_would(server, choice):
     calls, finish = _tool_calls(c, False, **base, tool_choice=choice)
     assert len(calls) == 1 and calls[0][0] == TOOL_NAME and json.loads(calls[0][1]) == json.loads(TOOL_ARGS)
     assert finish == "tool_calls"
+    # ... and the call's first tokens were indeed forced: the prompt the model saw ends with them.
+    t = Tokenizer.from_model_dir(server.model_dirs["tool"])
+    forced = [t.tool_calls_id] if choice == "required" else [
+        t.tool_calls_id, *t.encode_text(TOOL_NAME, bos=False), t.args_id]
+    body = {**base, "tool_choice": choice, "return_token_ids": True}
+    r = httpx.post(server.url("/v1/chat/completions", "tool"), json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["prompt_token_ids"][-len(forced):] == forced
 
 
 def test_health_and_ready_need_no_key(server):
