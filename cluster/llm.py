@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from cluster.config import load_model_config
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
+from cluster.engine.engine_config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sequence import RequestOutput, TokenLogprobs
+from cluster.engine.stop import StopChecker
 from cluster.errors import ConfigError, RequestError
-from cluster.sampling_params import SamplingParams
-from cluster.sequence import ImageRows, RequestOutput, TokenLogprobs
-from cluster.stop import StopChecker
-from cluster.tokenizer import Tokenizer
-from cluster.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
+from cluster.model.config import load_model_config
+from cluster.model.image_rows import ImageRows
+from cluster.model.tokenizer import Tokenizer
+from cluster.model.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
 
 if TYPE_CHECKING:
-    from cluster.expert_group import ExpertGroup
+    from cluster.experts.group import ExpertGroup
 
 Prompt = str | Sequence[int] | dict[str, Any]
 _IDS_KEYS = {"prompt_token_ids", "images"}
@@ -49,7 +50,7 @@ class LLM:
         over in-process shards by placement). A distributed transport ("deepspeed") starts or joins
         a Ray cluster and runs the router and `num_expert_shards` shards in their own actors."""
         if model is None:
-            from cluster.embedded import embedded_checkpoint
+            from cluster.testing.embedded import embedded_checkpoint
 
             model = embedded_checkpoint()
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
@@ -60,10 +61,12 @@ class LLM:
         self.engine: LLMEngine | None = None
         self.group: ExpertGroup | None = None
         if transport == "local":
-            self.engine = LLMEngine(model, config, num_expert_shards=max(num_expert_shards, 1))
+            from cluster.experts.dispatchers import load_local_dispatcher
+
+            self.engine = LLMEngine(model, config, load_local_dispatcher(model, max(num_expert_shards, 1)))
             self.tokenizer = self.engine.stop.tokenizer
         else:
-            from cluster.expert_group import ExpertGroup, GroupSpec
+            from cluster.experts.group import ExpertGroup, GroupSpec
 
             if num_expert_shards < 1:
                 raise ConfigError(f"transport {transport!r} needs num_expert_shards >= 1")

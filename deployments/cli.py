@@ -18,7 +18,7 @@ def _ids(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cluster.presets import PRESETS
+    from cluster.testing.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="moe-cluster", description="Serve Mistral Small 4 (MoE) on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "make-checkpoint":
-            from cluster.checkpoint_writer import make_checkpoint
+            from cluster.testing.checkpoint_writer import make_checkpoint
 
             out = make_checkpoint(args.out, args.preset, seed=args.seed, script=args.script,
                                   expert_layout=args.expert_layout, num_files=args.num_files)

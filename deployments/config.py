@@ -19,15 +19,15 @@ from pydantic import (
 )
 
 from cluster.errors import ConfigError
-from deployments.autoscaling import AutoscalingSettings
-from deployments.serving_config import ImageSettings, RoutingSettings, VisionSettings
+from deployments.settings import ImageSettings, RoutingSettings, VisionSettings
+from deployments.telemetry.autoscaling import AutoscalingSettings
 
 if TYPE_CHECKING:
-    from cluster.engine_config import EngineConfig
+    from cluster.engine.engine_config import EngineConfig
 
 
 class EngineSettings(BaseModel):
-    """The router's engine limits (see cluster.engine_config.EngineConfig)."""
+    """The router's engine limits (see cluster.engine.engine_config.EngineConfig)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,7 +39,7 @@ class EngineSettings(BaseModel):
     max_model_len: PositiveInt | None = None
 
     def to_engine_config(self) -> EngineConfig:
-        from cluster.engine_config import EngineConfig  # torch: only where an engine is built
+        from cluster.engine.engine_config import EngineConfig  # torch: only where an engine is built
 
         return EngineConfig(**self.model_dump())
 
@@ -156,7 +156,7 @@ def parse_config(data: dict[str, Any]) -> AppConfig:
 
 def resolve_model_dir(model: str | None) -> Path:
     if model is None:
-        from cluster.embedded import embedded_checkpoint
+        from cluster.testing.embedded import embedded_checkpoint
 
         return embedded_checkpoint()
     path = Path(model).expanduser()

@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 from ray import serve
 
+from deployments.api.http_app import create_http_app
 from deployments.config import AppConfig
-from deployments.grpc_service import GrpcMethods
-from deployments.http_app import create_http_app
-from deployments.service import IngressCore
+from deployments.frontend.ingress_core import IngressCore
+from deployments.grpc.service import GrpcMethods
 
 
 @serve.ingress()
@@ -24,7 +24,7 @@ class Ingress(GrpcMethods):
     def process_stats(self) -> dict[str, int]:
         """This replica's memory (RSS, peak RSS), decoded image pixels held and prompt tokens in
         flight, through a DeploymentHandle (`serve.get_app_handle(app).process_stats.remote()`)."""
-        from deployments.images import memory_stats
+        from deployments.frontend.images import memory_stats
 
         return {**memory_stats(), "image_pixels_held": self.core.images.budget.used,
                 "prompt_tokens_in_flight": self.core.prompt_budget.used}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.checkpoint_writer import make_checkpoint
+from cluster.testing.checkpoint_writer import make_checkpoint
 
 torch.set_num_threads(2)
 

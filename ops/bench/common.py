@@ -21,7 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
 CACHE_ROOT = Path(os.environ.get("MOE_CLUSTER_CACHE", Path.home() / ".cache" / "moe-cluster"))
-METADATA_FILE = "moe_cluster.json"  # written last by cluster.checkpoint_writer.make_checkpoint
+METADATA_FILE = "moe_cluster.json"  # written last by cluster.testing.checkpoint_writer.make_checkpoint
 
 BENCHMARKS_INTRO = """# Benchmarks
 
@@ -77,7 +77,7 @@ def ensure_checkpoint(directory: Path, preset: str, seed: int) -> Path:
             raise SystemExit(f"{directory} holds checkpoint {meta}, not preset {preset!r} seed {seed}; "
                              "pass another --ckpt-dir or remove it")
         return directory
-    from cluster.checkpoint_writer import make_checkpoint
+    from cluster.testing.checkpoint_writer import make_checkpoint
 
     t0 = time.perf_counter()
     print(f"writing the {preset!r} checkpoint (seed {seed}) to {directory} ...", file=sys.stderr, flush=True)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> str:
     from ray.cluster_utils import Cluster
 
     from cluster import LLM, SamplingParams
-    from cluster.expert_group import time_dispatch
+    from cluster.experts.group import time_dispatch
 
     torch.set_num_threads(args.threads)
     preset = "tiny" if args.smoke else args.preset

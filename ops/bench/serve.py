@@ -193,8 +193,8 @@ class Clients:
         return await getattr(self, f"_{path}")(prompt, max_tokens, stop)
 
     async def _handle(self, prompt: list[int], max_tokens: int, stop: asyncio.Event | None) -> Sample:
-        from cluster.sampling_params import SamplingParams
-        from deployments.request import GenerateRequest
+        from cluster.engine.sampling_params import SamplingParams
+        from deployments.serving.request import GenerateRequest
 
         self._n += 1
         req = GenerateRequest(f"bench-{os.getpid()}-{self._n}", tuple(prompt),

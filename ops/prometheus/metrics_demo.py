@@ -5,8 +5,8 @@ dashboards and alerts without a model, and for the tests that query them through
 
 It starts Ray with its metrics export on `--metrics-port` and Serve with two stand-in deployments
 that go through the same code paths as the real ones: `Router` records engine, request, expert,
-image and API metrics with deployments.metrics' recorders and reports KV use and queue through
-`record_autoscaling_stats()` to deployments.autoscaling:RouterAutoscalingPolicy (which then scales
+image and API metrics with deployments.telemetry.metrics' recorders and reports KV use and queue through
+`record_autoscaling_stats()` to deployments.telemetry.autoscaling:RouterAutoscalingPolicy (which then scales
 it up and records its decisions), with the expert load and exchange latency of a router replica
 that is a whole expert group (`autoscaling.experts`).
 Prints `ready <port>` once the deployments run, then drives requests until stopped (SIGTERM/SIGINT)
@@ -26,7 +26,7 @@ from types import FrameType
 
 class _Router:
     def __init__(self) -> None:
-        from deployments.metrics import (
+        from deployments.telemetry.metrics import (
             ApiMetrics,
             EngineMetrics,
             ExpertMetrics,
@@ -44,12 +44,12 @@ class _Router:
         self.kv_usage = 0.9
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, KV_USAGE_KEY, WAITING_KEY
+        from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, KV_USAGE_KEY, WAITING_KEY
 
         return {KV_USAGE_KEY: self.kv_usage, WAITING_KEY: 1.0, EXPERT_LOAD_KEY: 500.0, EXCHANGE_LATENCY_KEY: 0.002}
 
     async def __call__(self, i: int) -> int:
-        from cluster.stats import EngineStats
+        from cluster.engine.stats import EngineStats
 
         self.step += 1
         r = self._request()
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from deployments.autoscaling import AutoscalingSettings
+    from deployments.telemetry.autoscaling import AutoscalingSettings
 
     settings = AutoscalingSettings(experts={"min_groups": 1, "max_groups": 2, "upscale_delay_s": 0,
                                             "look_back_period_s": 12, "target_expert_load": 1000.0})

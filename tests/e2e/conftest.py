@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tokenizer import Tokenizer
+from cluster.model.tokenizer import Tokenizer
 from deployments.config import AppConfig
 from tests.e2e.support import (
     GRPC_APP_MAX,

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import httpx2 as httpx
 
-from cluster.tokenizer import Tokenizer
+from cluster.model.tokenizer import Tokenizer
 from deployments.config import AppConfig
 
 KEY = "test-key-1"

@@ -9,8 +9,8 @@ import httpx2 as httpx
 import pytest
 from starlette.routing import Route
 
-from deployments.http_app import create_http_app
-from deployments.http_guards import OPEN_PATHS
+from deployments.api.http_app import create_http_app
+from deployments.api.http_guards import OPEN_PATHS
 from tests.e2e.support import MAX_BODY, MAX_MODEL_LEN
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
-from cluster.tokenizer import Tokenizer
+from cluster.model.tokenizer import Tokenizer
 from tests.e2e.support import KEY, MAX_IMAGE_BYTES, MAX_IMAGES
 from tests.reference import assert_matches_reference, pixel_inputs, reference_greedy
 from tests.unit.test_images import png_claiming

@@ -11,15 +11,15 @@ import pytest
 from grpc_health.v1 import health_pb2
 from starlette.testclient import TestClient
 
-from cluster.tokenizer import Tokenizer
-from deployments.admission import Admission
-from deployments.api_errors import Overloaded
-from deployments.chat import ChatParser
+from cluster.model.tokenizer import Tokenizer
+from deployments.api.chat_parser import ChatParser
+from deployments.api.http_app import create_http_app
 from deployments.config import AppConfig
-from deployments.grpc_service import GrpcMethods
-from deployments.http_app import create_http_app
+from deployments.errors import Overloaded
+from deployments.frontend.admission import Admission
+from deployments.frontend.ingress_core import IngressCore
+from deployments.grpc.service import GrpcMethods
 from deployments.protos import moe_cluster_pb2 as pb
-from deployments.service import IngressCore
 
 
 class LoadingRouter:

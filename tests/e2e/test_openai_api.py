@@ -8,7 +8,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from cluster.tokenizer import Tokenizer
+from cluster.model.tokenizer import Tokenizer
 from tests.e2e.support import ANSWER_TEXT, KEY, THINK_TEXT, TOOL_ARGS, TOOL_NAME
 from tests.reference import assert_matches_reference, reference_greedy
 

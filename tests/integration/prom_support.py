@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from deployments.metrics import exported_series
+from deployments.telemetry.metrics import exported_series
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "ops" / "prometheus"

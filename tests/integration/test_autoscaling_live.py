@@ -1,6 +1,6 @@
 """Autoscaling of the real application on the session's local Ray cluster: a load of few long
 prompts fills the routers' KV cache while the ongoing requests stay far under the ingress target;
-`deployments.autoscaling:RouterAutoscalingPolicy`, fed by the routers' `record_autoscaling_stats()`,
+`deployments.telemetry.autoscaling:RouterAutoscalingPolicy`, fed by the routers' `record_autoscaling_stats()`,
 scales the routers up, and the end of the load scales them down again. A trickle of short requests
 runs through both changes; no request fails.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from deployments.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
 from deployments.config import AppConfig
+from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
 from tests.integration.prom_support import free_port
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import ray
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoint import CheckpointReader
-from cluster.placement import ExpertPlacement
+from cluster.experts.placement import ExpertPlacement
+from cluster.model.checkpoint import CheckpointReader
 from tests.reference import assert_matches_reference, reference_greedy
 
 NEW_TOKENS = 32

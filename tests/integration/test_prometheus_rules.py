@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.metrics import exported_series
+from deployments.telemetry.metrics import exported_series
 from tests.integration.prom_support import (
     DASHBOARDS,
     GRAFANA,

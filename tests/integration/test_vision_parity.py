@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cluster.engine.sampling_params import SamplingParams
 from cluster.errors import RequestError
 from cluster.llm import LLM
-from cluster.sampling_params import SamplingParams
-from cluster.vision import (
+from cluster.model.vision import (
     ImageLimits,
     ImageTokenMismatchError,
     ImageTooLargeError,

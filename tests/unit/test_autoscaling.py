@@ -12,8 +12,8 @@ from ray.serve._private.common import DeploymentID, ReplicaID, ReplicaMetricRepo
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from cluster.stats import EngineStats
-from deployments.autoscaling import (
+from cluster.engine.stats import EngineStats
+from deployments.telemetry.autoscaling import (
     EXCHANGE_LATENCY_KEY,
     EXPERT_LOAD_KEY,
     KV_USAGE_KEY,
@@ -127,7 +127,7 @@ def test_router_policy_through_serve_instantiation_and_wrapper():
     settings = AutoscalingSettings(router={"max_replicas": 3, "target_kv_usage": 0.6, "upscale_delay_s": 0,
                                            "downscale_delay_s": 0}, record_metrics=False)
     cfg = AutoscalingConfig(**settings.router_config())
-    assert cfg.policy.policy_function == "deployments.autoscaling:RouterAutoscalingPolicy"
+    assert cfg.policy.policy_function == "deployments.telemetry.autoscaling:RouterAutoscalingPolicy"
     assert cfg.policy.policy_kwargs["target_kv_usage"] == 0.6
     run = _apply_autoscaling_config(_resolve_policy_callable(cfg.policy))
     config = settings.router_config()
@@ -226,7 +226,7 @@ def test_settings_render_valid_serve_configs():
 
 
 def test_expert_metrics_report_load_and_latency_since_the_last_read():
-    from deployments.metrics import ExpertMetrics
+    from deployments.telemetry.metrics import ExpertMetrics
 
     m = ExpertMetrics(per_expert=False)
     m.observe_token_counts({1: [10, 30], 3: [0, 0]})

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoint import CheckpointReader
-from cluster.checkpoint_writer import script_successors
-from cluster.config import load_model_config, parse_text_config, routed_flops_share
-from cluster.dispatch import transport_factory
 from cluster.errors import CheckpointError, ConfigError, ScriptError, UnsupportedCheckpointError
-from cluster.experts import RoutedExperts
-from cluster.model import Mistral4TextModel
-from cluster.presets import PRESETS
+from cluster.experts.dispatchers import transport_factory
+from cluster.model.checkpoint import CheckpointReader
+from cluster.model.config import load_model_config, parse_text_config, routed_flops_share
+from cluster.model.routed_experts import RoutedExperts
+from cluster.model.text_model import Mistral4TextModel
+from cluster.testing.checkpoint_writer import script_successors
+from cluster.testing.presets import PRESETS
 
 
 @pytest.mark.parametrize("layout", ["fused", "per_expert"])
@@ -146,9 +146,9 @@ def test_scripted_checkpoint_emits_its_script(make_ckpt) -> None:
 def test_coalescer_merges_concurrent_calls_for_a_layer(tiny_ckpt: Path) -> None:
     import threading
 
-    from cluster.expert_shard import ExpertShard
-    from cluster.placement import ExpertPlacement
-    from cluster.transport_ray import Coalescer
+    from cluster.experts.placement import ExpertPlacement
+    from cluster.experts.shard import ExpertShard
+    from cluster.experts.transport_ray import Coalescer
 
     reader = CheckpointReader(tiny_ckpt)
     text = reader.config.text

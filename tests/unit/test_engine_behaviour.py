@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster import LLM, SamplingParams
-from cluster.async_engine import AsyncEngine
+from cluster.engine.async_engine import AsyncEngine
 from cluster.errors import InvalidSamplingParamsError, InvalidTokenError, PromptTooLongError, RequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

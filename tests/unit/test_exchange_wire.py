@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from cluster.exchange_wire import ExchangeClient, ExchangeServer, WireError
+from cluster.experts.wire import ExchangeClient, ExchangeServer, WireError
 
 H, K = 12, 3
 

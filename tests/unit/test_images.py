@@ -16,8 +16,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from deployments.api_errors import BadRequest
-from deployments.images import (
+from deployments.errors import BadRequest
+from deployments.frontend.images import (
     ImageFetcher,
     ImagePipeline,
     PixelBudget,
@@ -28,7 +28,7 @@ from deployments.images import (
     host_allowed,
     open_header,
 )
-from deployments.serving_config import ImageSettings
+from deployments.settings import ImageSettings
 
 PARAM = "messages[0].content[1].image_url"
 

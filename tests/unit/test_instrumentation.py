@@ -15,11 +15,12 @@ import yaml
 from fastapi import FastAPI, HTTPException
 from starlette.testclient import TestClient
 
-from cluster.sequence import RequestOutput
-from cluster.stats import EngineStats, KVLoad
-from deployments import instrumentation as inst
-from deployments.api_errors import BadRequest, Unavailable
-from deployments.autoscaling import (
+from cluster.engine.sequence import RequestOutput
+from cluster.engine.stats import EngineStats, KVLoad
+from deployments.config import AppConfig, ConfigError, parse_config
+from deployments.errors import BadRequest, Unavailable
+from deployments.telemetry import instrumentation as inst
+from deployments.telemetry.autoscaling import (
     EXCHANGE_LATENCY_KEY,
     EXPERT_LOAD_KEY,
     KV_USAGE_KEY,
@@ -27,8 +28,7 @@ from deployments.autoscaling import (
     WAITING_KEY,
     replica_options,
 )
-from deployments.config import AppConfig, ConfigError, parse_config
-from deployments.metrics import PREFIX, MetricDef, MetricSet, TimedDispatcher, shard_health
+from deployments.telemetry.metrics import PREFIX, MetricDef, MetricSet, TimedDispatcher, shard_health
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,7 +190,7 @@ def http_app(ms: MetricSet) -> FastAPI:
             raise HTTPException(404)
         return {"id": item_id}
 
-    class Guard:  # answers before routing, like deployments.http_guards
+    class Guard:  # answers before routing, like deployments.api.http_guards
         def __init__(self, app):
             self.app = app
 
@@ -218,7 +218,7 @@ def test_http_statuses_are_counted_by_route_template(fake):
 
 
 def test_the_ingress_app_counts_guard_refusals_under_their_route(fake, tiny_ckpt, monkeypatch):
-    from deployments.http_app import create_http_app
+    from deployments.api.http_app import create_http_app
 
     f, ms = fake
     monkeypatch.setattr(inst, "ApiMetrics", lambda metrics=None, _real=inst.ApiMetrics: _real(ms))
@@ -304,7 +304,7 @@ def test_the_proxy_forwards_the_client_deadline(monkeypatch):
 
     from ray.serve._private import proxy_request_response as prr
 
-    from deployments import grpc_proxy_fix
+    from deployments.grpc import proxy_fix as grpc_proxy_fix
 
     monkeypatch.setattr(prr, "RayServegRPCContext", prr.RayServegRPCContext)
     grpc_proxy_fix._forward_deadlines()
@@ -393,7 +393,7 @@ def test_replica_options_from_config():
                        num_router_replicas=2)
     router = replica_options(config, "router")["autoscaling_config"]
     assert router["initial_replicas"] == 2 and router["max_replicas"] == 3
-    assert router["policy"]["policy_function"] == "deployments.autoscaling:RouterAutoscalingPolicy"
+    assert router["policy"]["policy_function"] == "deployments.telemetry.autoscaling:RouterAutoscalingPolicy"
     assert router["policy"]["policy_kwargs"]["target_kv_usage"] == 0.6
     ingress = replica_options(config, "ingress")["autoscaling_config"]
     assert ingress["target_ongoing_requests"] == 8 and "initial_replicas" not in ingress
@@ -432,7 +432,7 @@ def test_build_app_passes_autoscaling_to_ingress_and_router(tiny_ckpt):
     router = built["Router"]._deployment_config.autoscaling_config
     ingress = built["Ingress"]._deployment_config.autoscaling_config
     assert isinstance(router, AutoscalingConfig) and router.max_replicas == 3 and router.metrics_interval_s == 1
-    assert router.policy.policy_function == "deployments.autoscaling:RouterAutoscalingPolicy"
+    assert router.policy.policy_function == "deployments.telemetry.autoscaling:RouterAutoscalingPolicy"
     assert ingress.target_ongoing_requests == 32 and ingress.max_replicas == 4
     fixed = {d.name: d for d in serve_build(build_app(config.model_copy(update={"autoscaling": None})), name="app",
                                             default_runtime_env={}).deployments}

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cluster.async_engine import AsyncEngine
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.engine_config import EngineConfig
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.sampling_params import SamplingParams
+from cluster.experts.dispatchers import load_local_dispatcher
 
 
 def test_kv_load_counts_prompts_not_yet_prefilled(tiny_ckpt: Path) -> None:
-    engine = LLMEngine(tiny_ckpt, EngineConfig(num_kv_blocks=64, block_size=16, max_num_batched_tokens=32))
+    engine = LLMEngine(tiny_ckpt, EngineConfig(num_kv_blocks=64, block_size=16, max_num_batched_tokens=32),
+                       load_local_dispatcher(tiny_ckpt))
     try:
         assert engine.kv_load().available_blocks == 64
         engine.add_request("long", list(range(1000, 1100)), SamplingParams(max_tokens=4, temperature=0))
@@ -30,7 +32,8 @@ def test_kv_load_counts_prompts_not_yet_prefilled(tiny_ckpt: Path) -> None:
 
 
 def test_async_engine_publishes_its_load(tiny_ckpt: Path) -> None:
-    engine = AsyncEngine(LLMEngine(tiny_ckpt, EngineConfig(num_kv_blocks=64, block_size=16)))
+    engine = AsyncEngine(LLMEngine(tiny_ckpt, EngineConfig(num_kv_blocks=64, block_size=16),
+                                   load_local_dispatcher(tiny_ckpt)))
     try:
         async def run() -> list[int]:
             seen = []

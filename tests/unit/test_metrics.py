@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.stats import EngineStats
-from deployments import metrics as dm
-from deployments.metrics import (
+from cluster.engine.stats import EngineStats
+from deployments.telemetry import metrics as dm
+from deployments.telemetry.metrics import (
     METRICS,
     ApiMetrics,
     AutoscalingMetrics,
@@ -105,7 +105,7 @@ def test_every_metric_is_documented_and_only_those():
     text = (ROOT / "docs" / "OPERATIONS.md").read_text()
     documented = dm.documented_series(text)
     assert sorted(documented) == sorted(m.exported for m in METRICS)
-    assert dm.render_table() in text, "the table is stale: regenerate it with `python -m deployments.metrics`"
+    assert dm.render_table() in text, "the table is stale: regenerate it with `python -m deployments.telemetry.metrics`"
 
 
 def test_tags_are_checked(fake):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.admission import TokenBudget
-from deployments.api_errors import BadRequest, Overloaded
-from deployments.request_router import KVScoreboard
+from deployments.errors import BadRequest, Overloaded
+from deployments.frontend.admission import TokenBudget
+from deployments.serving.request_router import KVScoreboard
 
 
 class Clock:
@@ -124,7 +124,7 @@ def test_a_burst_is_counted_as_it_is_chosen():
     counts its request at the replica it ranked first, so the burst spreads."""
     import asyncio
 
-    from deployments.request_router import KVAwareRequestRouter
+    from deployments.serving.request_router import KVAwareRequestRouter
 
     router = object.__new__(KVAwareRequestRouter)  # Serve's constructor needs a running Serve
     router.initialize_state(stale_after_s=3.0)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cluster.errors import CheckpointError, RequestError
-from cluster.tokenizer import (
+from cluster.model.tokenizer import (
     IncrementalDecoder,
     InvalidChatRequestError,
     Tokenizer,

@@ -1,0 +1,103 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step, running sequences go first (a decode needs one token, an unfinished prefill takes
+what budget is left), then waiting ones are admitted while the budget, the running cap and the
+KV pool allow. When blocks run out, the most recently admitted running sequence is preempted:
+its blocks are freed and it is recomputed later from its tokens so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens computed this step, from seq.num_computed on
+
+    @property
+    def completes(self) -> bool:
+        """True when this step reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed + self.num_new == len(self.seq.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a finished or aborted sequence and frees its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            while not self.blocks.ensure(seq.request_id, seq.num_computed + n):
+                done = {s.seq for s in scheduled}
+                victims = [s for s in self.running if s not in done and s is not seq]
+                self._preempt(victims[-1] if victims else seq)
+                if not victims:
+                    break
+            if seq.status is Status.RUNNING:
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self.blocks.ensure(seq.request_id, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return scheduled
+
+    def check_integrity(self) -> None:
+        self.blocks.check_integrity()
+        ids = [s.request_id for s in self.running] + [s.request_id for s in self.waiting]
+        if len(ids) != len(set(ids)):
+            raise RuntimeError("a sequence is queued twice")
+        for seq in self.waiting:
+            if self.blocks.table(seq.request_id) and seq.num_computed == 0:
+                raise RuntimeError(f"waiting sequence {seq.request_id} holds blocks")

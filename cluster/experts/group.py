@@ -1,0 +1,338 @@
+"""Routers and their expert shards as Ray actors.
+
+Shards sit on distinct nodes (one `expert_slot` custom resource per node, STRICT_SPREAD
+placement group); routers run in their own actors, so the calling process never joins a
+process group. A `ShardRegistry` actor owns the shards and replaces a dead one in its bundle,
+loading the same experts; a router that loses an exchange asks it, re-forms, and re-runs its step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.engine.engine_config import EngineConfig
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sequence import RequestOutput
+from cluster.errors import ConfigError
+from cluster.experts.shard_worker import ShardWorker, free_port
+from cluster.model.image_rows import ImageRows
+
+log = logging.getLogger(__name__)
+EXPERT_SLOT = "expert_slot"
+TRANSPORTS = ("deepspeed", "ray")
+Request = tuple[list[int], SamplingParams, ImageRows | None]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    model_dir: str
+    num_shards: int
+    transport: str
+    engine: EngineConfig
+    num_routers: int = 1
+    exchange_deadline_s: float = 30.0
+    torch_threads: int = 1
+
+
+class ShardRegistry:
+    """Ray actor: the placement group of the shards and the current shard actor of every rank;
+    replaces dead ones in their bundle."""
+
+    def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None, pg: Any = None) -> None:
+        import ray
+
+        self.spec = spec
+        self.pg = pg if pg is not None else _shard_placement_group(spec, require_distinct_nodes)
+        self.generation = [0] * spec.num_shards
+        self.shards = [self._start(rank) for rank in range(spec.num_shards)]
+        ray.get([s.ready.remote() for s in self.shards])
+
+    def _start(self, rank: int) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cls = ray.remote(num_cpus=0.01, max_concurrency=8, max_restarts=0)(ShardWorker)
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+        return cls.options(scheduling_strategy=strategy).remote(self.spec, rank)
+
+    def current(self) -> tuple[list[Any], list[int]]:
+        return self.shards, self.generation
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for shard in self.shards:
+            ray.kill(shard)
+        remove_placement_group(self.pg)
+
+    def replace(self, rank: int, generation: int) -> tuple[list[Any], list[int]]:
+        """Replaces rank's shard unless another router already did (its generation moved on)."""
+        import ray
+
+        if self.generation[rank] == generation:
+            ray.kill(self.shards[rank], no_restart=True)
+            self.shards[rank] = self._start(rank)
+            ray.get(self.shards[rank].ready.remote())
+            self.generation[rank] += 1
+        return self.shards, self.generation
+
+
+class GroupRouter:
+    """A router's membership in an expert group: builds its engine over the transport's
+    dispatcher and re-forms the group when an exchange fails. Used inside a `RouterWorker`
+    actor and inside the Serve `Router` deployment alike."""
+
+    def __init__(self, spec: GroupSpec, registry: Any, owns_registry: bool = False) -> None:
+        import ray
+
+        from cluster.engine.llm_engine import LLMEngine
+        from cluster.experts.placement import ExpertPlacement
+        from cluster.model.config import load_model_config
+
+        self.spec, self.registry = spec, registry
+        self.reform_seconds: list[float] = []
+        text = load_model_config(spec.model_dir).text
+        placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, spec.num_shards)
+        shards, _ = ray.get(registry.current.remote())
+        if spec.transport == "ray":
+            from cluster.experts.transport_ray import RayDispatcher
+
+            dispatcher: Any = RayDispatcher(placement, shards, spec.exchange_deadline_s)
+        else:
+            from cluster.experts.transport_deepspeed import DeepSpeedDispatcher
+
+            dispatcher = DeepSpeedDispatcher(placement, text.hidden_size, text.num_experts_per_tok,
+                                             spec.exchange_deadline_s)
+            self._form(dispatcher, shards)
+        dispatcher.on_failure = self._reform
+        if owns_registry:  # the group leaves with this router (scale-down, shutdown)
+            dispatcher.on_close = self._release_group
+        self.engine = LLMEngine(spec.model_dir, spec.engine, dispatcher)
+
+    def _form(self, dispatcher: Any, shards: list[Any]) -> None:
+        """(Re-)forms the DeepSpeed process group: rank 0 here, rank r + 1 on shard r."""
+        import ray
+
+        from cluster.experts.transport_deepspeed import GroupAddress
+
+        address = GroupAddress(ray.util.get_node_ip_address(), free_port(), self.spec.num_shards + 1)
+        joins = [s.join_deepspeed.remote(address, self.spec.exchange_deadline_s) for s in shards]
+        dispatcher.join(address)
+        ray.get(joins)
+
+    def _release_group(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.registry.shutdown.remote(), timeout=30)  # the shards, then the placement group
+            ray.kill(self.registry)
+        except Exception:  # noqa: BLE001 - best effort on the way out; the registry's owner is going too
+            log.warning("releasing the expert group failed", exc_info=True)
+
+    def _reform(self, dispatcher: Any) -> None:
+        import ray
+
+        started = time.monotonic()
+        shards, generation = ray.get(self.registry.current.remote())
+        for rank, shard in enumerate(shards):
+            try:
+                ray.get(shard.ping.remote(), timeout=5)
+            except (ray.exceptions.RayError, TimeoutError):
+                log.warning("expert shard %d is gone; replacing it", rank)
+                shards, generation = ray.get(self.registry.replace.remote(rank, generation[rank]))
+        if self.spec.transport == "ray":
+            dispatcher.replace_shards(shards)
+        else:
+            dispatcher.leave()
+            self._form(dispatcher, shards)
+        self.reform_seconds.append(time.monotonic() - started)
+
+
+class RouterWorker:
+    """Ray actor body of a router for the offline API: a GroupRouter and a synchronous loop."""
+
+    def __init__(self, spec: GroupSpec, registry: Any) -> None:
+        import torch
+
+        torch.set_num_threads(spec.torch_threads)
+        self.spec, self.registry = spec, registry
+        self.member: GroupRouter | None = None
+        self.engine: Any = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.member = GroupRouter(self.spec, self.registry)
+        self.engine = self.member.engine
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        ids = []
+        with self._lock:
+            for i, (tokens, params, images) in enumerate(requests):
+                rid = f"r{time.monotonic_ns()}-{i}"
+                self.engine.add_request(rid, tokens, params, images)
+                ids.append(rid)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            with self._lock:
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        return [done[r] for r in ids]
+
+    def validate(self, tokens: list[int]) -> None:
+        self.engine.validate_prompt(tokens)
+
+    def time_exchange(self, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
+        """Seconds per round trip of one MoE layer's exchange (dispatch + combine) of
+        `num_tokens` random tokens through this router's transport."""
+        with self._lock:
+            return time_dispatch(self.engine, num_tokens, repeats, seed)
+
+    def stats(self) -> Any:
+        return self.engine.stats()
+
+    def reforms(self) -> list[float]:
+        return list(self.member.reform_seconds)
+
+    def held(self) -> dict[str, int]:
+        return {n: p.numel() for n, p in self.engine.model.named_parameters()}
+
+    def pairs_sent(self) -> dict[int, int]:
+        return dict(self.engine.dispatcher.pairs_sent)
+
+    def token_counts(self) -> dict[int, Any]:
+        """Per layer, the (token, expert) pairs this router sent: [E] per layer."""
+        return self.engine.dispatcher.token_counts()
+
+    def check_integrity(self) -> tuple[int, int]:
+        with self._lock:
+            self.engine.check_integrity()
+            return self.engine.blocks.num_free, self.engine.blocks.num_blocks
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
+
+
+class ExpertGroup:
+    """Starts (or joins) a Ray cluster and places the routers and shards."""
+
+    def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
+        import ray
+
+        if spec.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {spec.transport!r} for an expert group; known: {TRANSPORTS}")
+        if spec.transport == "deepspeed" and spec.num_routers != 1:
+            raise ConfigError("the deepspeed transport pairs one router with its shards (num_routers=1); "
+                              "use transport='ray' for routers sharing shards")
+        if not ray.is_initialized():
+            # Joins the cluster named by RAY_ADDRESS, or starts a local one.
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        self.spec = spec
+        self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(
+            spec, require_distinct_nodes)
+        router_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(RouterWorker)
+        self.routers = [router_cls.remote(spec, self.registry) for _ in range(spec.num_routers)]
+        ray.get([r.start.remote() for r in self.routers])
+        self.router = self.routers[0]
+
+    @property
+    def shards(self) -> list[Any]:
+        import ray
+
+        return ray.get(self.registry.current.remote())[0]
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        """Requests spread round-robin over the routers, which run concurrently."""
+        import ray
+
+        n = len(self.routers)
+        refs = [r.generate.remote(requests[i::n]) for i, r in enumerate(self.routers)]
+        parts = ray.get(refs)
+        out: list[RequestOutput] = [None] * len(requests)  # type: ignore[list-item]
+        for i, part in enumerate(parts):
+            out[i::n] = part
+        return out
+
+    def validate(self, tokens: list[int]) -> None:
+        import ray
+
+        ray.get(self.router.validate.remote(tokens))
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([r.close.remote() for r in self.routers], timeout=60)
+        except ray.exceptions.RayError as exc:
+            log.warning("closing routers: %s", exc)
+        finally:
+            ray.get(self.registry.shutdown.remote(), timeout=60)
+            for actor in [*self.routers, self.registry]:
+                ray.kill(actor)
+
+
+def time_dispatch(engine: Any, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
+    """Seconds per `engine.dispatcher.dispatch` of the first MoE layer for `num_tokens` random
+    tokens (after two warm-up calls): the exchange through a transport, or the experts' compute
+    alone with the in-process dispatcher."""
+    import torch
+
+    text = engine.text
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, text.hidden_size, generator=gen, dtype=engine.model.dtype)  # [T, H]
+    ids = torch.stack([torch.randperm(text.n_routed_experts, generator=gen)[:text.num_experts_per_tok]
+                       for _ in range(num_tokens)])  # [T, K]
+    weights = torch.rand(num_tokens, text.num_experts_per_tok, generator=gen)  # [T, K]
+    layer = text.moe_layers[0]
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        engine.dispatcher.dispatch(layer, hidden, ids, weights)
+        times.append(time.perf_counter() - start)
+    return times[2:]
+
+
+def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None) -> Any:
+    """One bundle per shard; STRICT_SPREAD over `expert_slot` nodes when the cluster has enough."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    slots = int(ray.cluster_resources().get(EXPERT_SLOT, 0))
+    distinct = slots >= spec.num_shards
+    if require_distinct_nodes and not distinct:
+        raise ConfigError(f"{spec.num_shards} expert shards need {spec.num_shards} nodes with an "
+                          f"'{EXPERT_SLOT}' resource; the cluster has {slots}")
+    if not distinct:
+        log.warning("cluster has %d '%s' resources for %d shards: shards may share nodes",
+                    slots, EXPERT_SLOT, spec.num_shards)
+    bundle = {EXPERT_SLOT: 1, "CPU": 0.01} if distinct else {"CPU": 0.01}
+    pg = placement_group([bundle] * spec.num_shards, strategy="STRICT_SPREAD" if distinct else "PACK")
+    ray.get(pg.ready(), timeout=120)
+    return pg
+
+
+def shared_registry(spec: GroupSpec, name: str, detached: bool = True) -> Any:
+    """The named registry `name` (created with its shards on first use, then shared): how
+    Serve router replicas find the expert shards they share. `detached=False` is for a router that
+    owns its group (`GroupRouter(..., owns_registry=True)` releases it on close): the registry
+    then fate-shares with the calling process, and the placement group is created here, so that a
+    caller that is itself a detached actor (a Serve replica) takes it along if it dies without
+    closing (a placement group lives as long as the job or detached actor that created it)."""
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry)
+    if detached:
+        return cls.options(name=name, namespace="moe-cluster", get_if_exists=True, lifetime="detached").remote(spec)
+    return cls.options(name=name, namespace="moe-cluster").remote(spec, pg=_shard_placement_group(spec, None))

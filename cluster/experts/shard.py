@@ -1,0 +1,65 @@
+"""An expert shard: the routed experts its rank holds, for every MoE layer, read from disk
+alone (no other tensor), computing partial sums for the tokens it is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.experts.placement import ExpertPlacement
+from cluster.model.checkpoint import CheckpointReader
+from cluster.model.routed_experts import RoutedExperts
+
+
+@dataclass(frozen=True)
+class ShareOfLayer:
+    """The rows of a step's batch that one rank computes, and which of their k slots."""
+
+    rank: int
+    rows: torch.Tensor  # [n] token rows
+    topk_ids: torch.Tensor  # [n, K] expert ids, -1 where the slot belongs to another rank
+    topk_weights: torch.Tensor  # [n, K]
+
+
+def split_by_rank(placement: ExpertPlacement, layer: int, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> list[ShareOfLayer]:
+    """One share per rank (possibly empty): every (token, expert) pair goes to exactly one rank."""
+    owner = placement.assign(layer, topk_ids)  # [T, K]
+    shares = []
+    for rank in range(placement.num_ranks):
+        mine = owner == rank  # [T, K]
+        rows = mine.any(dim=1).nonzero().flatten()
+        ids = torch.where(mine, topk_ids, -1)[rows]
+        shares.append(ShareOfLayer(rank, rows, ids, topk_weights[rows]))
+    return shares
+
+
+class ExpertShard:
+    def __init__(self, reader: CheckpointReader, placement: ExpertPlacement, rank: int) -> None:
+        text = reader.config.text
+        self.rank = rank
+        self.experts: dict[int, RoutedExperts] = {}
+        for layer in text.moe_layers:
+            ids = placement.experts_of(rank, layer)
+            if ids:
+                gate_up, down = reader.read_experts(layer, ids)
+                self.experts[layer] = RoutedExperts(text.n_routed_experts, ids, gate_up, down)
+        self.num_experts = text.n_routed_experts
+        self.reads = list(reader.reads)
+
+    def compute(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H], topk_ids [n, K] (-1 = not this rank's) -> partial sums [n, H]."""
+        experts = self.experts.get(layer)
+        if experts is None or hidden.shape[0] == 0:
+            return torch.zeros_like(hidden)
+        return experts(hidden, topk_ids, topk_weights)
+
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        return {layer: e.token_counts.clone() for layer, e in self.experts.items()}
+
+    def held(self) -> dict[str, int]:
+        """Parameter name -> element count, for memory assertions."""
+        return {f"layers.{layer}.experts[{','.join(map(str, e.expert_ids))}].{n}": p.numel()
+                for layer, e in self.experts.items() for n, p in e.named_parameters()}

@@ -1,0 +1,104 @@
+"""Ray actor body of one expert shard: its experts, and the shard side of either transport."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ShardWorker:
+    def __init__(self, spec: Any, rank: int) -> None:
+        import torch
+
+        from cluster.experts.placement import ExpertPlacement
+        from cluster.experts.shard import ExpertShard
+        from cluster.experts.transport_ray import Coalescer
+        from cluster.model.checkpoint import CheckpointReader
+        from cluster.model.config import load_model_config
+
+        torch.set_num_threads(spec.torch_threads)
+        config = load_model_config(spec.model_dir)
+        self.text = config.text
+        placement = ExpertPlacement.contiguous(self.text.moe_layers, self.text.n_routed_experts, spec.num_shards)
+        self.rank, self.world = rank, spec.num_shards + 1
+        self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank)
+        self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_routers > 1 else 0.0)
+        self.server: Any = None  # the ray transport's exchange server, started on first use
+        self._server_lock = threading.Lock()
+        self._loop: threading.Thread | None = None
+        self.exchanges = 0
+
+    def ready(self) -> int:
+        return self.rank
+
+    def ping(self) -> bool:
+        return True
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    # -- the ray transport -------------------------------------------------------------------
+
+    def exchange_address(self) -> tuple[str, int]:
+        """Where this shard's exchange server listens (started on the first call): routers send
+        their rows there (cluster/exchange_wire.py)."""
+        import ray
+
+        from cluster.experts.wire import ExchangeServer
+
+        with self._server_lock:  # routers ask concurrently (the actor runs several calls at once)
+            if self.server is None:
+                self.server = ExchangeServer(self.coalescer.compute, self.text.hidden_size)
+        return ray.util.get_node_ip_address(), self.server.port
+
+    def coalesced(self) -> tuple[int, int]:
+        """(calls, batches): fewer batches than calls means calls from routers were merged."""
+        return self.coalescer.calls, self.coalescer.batches
+
+    # -- the deepspeed transport -------------------------------------------------------------
+
+    def join_deepspeed(self, address: Any, deadline_s: float) -> None:
+        """(Re-)joins the group as rank + 1 and serves exchanges in a thread until told to stop
+        or until the group breaks (then the router re-forms it and calls this again)."""
+        from cluster.experts.transport_deepspeed import init_group, leave_group
+
+        if self._loop is not None:
+            self._loop.join(timeout=2 * deadline_s)
+            if self._loop.is_alive():
+                raise RuntimeError(f"shard {self.rank}: previous exchange loop did not stop")
+        leave_group()
+        init_group(address, self.rank + 1, deadline_s)
+        self._loop = threading.Thread(target=self._serve, name="exchange-loop", daemon=True)
+        self._loop.start()
+
+    def _serve(self) -> None:
+        from cluster.experts.transport_deepspeed import run_shard
+
+        try:
+            self.exchanges += run_shard(self.shard, self.rank + 1, self.world, self.text.hidden_size,
+                                        self.text.num_experts_per_tok)
+        except Exception as exc:  # noqa: BLE001 - a broken group ends the loop; the router re-forms it
+            log.warning("shard %d: exchange loop ended: %s", self.rank, exc)
+
+    # -- inspection --------------------------------------------------------------------------
+
+    def held(self) -> dict[str, int]:
+        return self.shard.held()
+
+    def reads(self) -> list[str]:
+        return self.shard.reads
+
+    def token_counts(self) -> dict[int, Any]:
+        return self.shard.token_counts()

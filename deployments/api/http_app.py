@@ -1,0 +1,130 @@
+"""The FastAPI app of the ingress: OpenAI-compatible routes, health and readiness, engine stats;
+errors in the OpenAI shape, bad input always a 4xx (FastAPI's 422 becomes 400)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.api.http_guards import GuardMiddleware
+from deployments.api.openai_chat import start_chat
+from deployments.api.openai_completions import Job, start_completion
+from deployments.api.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from deployments.config import AppConfig
+from deployments.errors import APIError, BadRequest, to_api_error
+from deployments.frontend.ingress_core import IngressCore
+from deployments.telemetry.instrumentation import HttpMetricsMiddleware
+
+logger = logging.getLogger("ray.serve")
+
+
+class ManagedStream(StreamingResponse):
+    """An SSE response whose `on_close` runs however it ends: finished, client gone, or never
+    started (a body iterator that never ran has no finally of its own to run)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> FastAPI:
+    app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for Mistral Small 4 (MoE)")
+    app.add_middleware(GuardMiddleware, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, deadline_s=config.request_timeout_s,  # outermost: sees every status
+                       get_tool_calls_id=lambda: get_core().tokenizer.tool_calls_id)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path")) or None
+        return error_response(BadRequest(f"{param or 'request'}: {first['msg']}", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(str(exc.detail))
+        error.status, error.error_type = exc.status_code, "invalid_request_error"
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: this ingress replica answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: a router has loaded the model and answers."""
+        if await get_core().ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "loading"}, status_code=503,
+                            headers={"Retry-After": str(config.retry_after_s)})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = await get_core().info()
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "moe-cluster", "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_body(CompletionRequest, await request.body())
+        return await _run(get_core(), lambda core: start_completion(core, body), body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(ChatCompletionRequest, await request.body())
+        return await _run(get_core(), lambda core: start_chat(core, body), body.stream)
+
+    @app.get("/v1/engine/stats")
+    async def engine_stats() -> dict[str, Any]:
+        """One router replica's engine snapshot, and this ingress replica's admission count."""
+        core = get_core()
+        stats = await core.engine.call("stats", 10.0)
+        return {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,
+                "ingress_in_flight": core.admission.in_flight}
+
+    return app
+
+
+async def _run(core: IngressCore, start: Callable[[IngressCore], Any], stream: bool) -> Response:
+    ticket = core.admission.enter()
+    job: Job | None = None
+    handed_off = False
+    try:
+        job = await start(core)
+        if stream:
+            response = ManagedStream(job.events(), on_close=lambda: (job.cancel(), ticket.release()))
+            handed_off = True
+            return response
+        return JSONResponse(await job.collect())
+    finally:
+        if not handed_off:
+            if job is not None:
+                job.cancel()
+            ticket.release()

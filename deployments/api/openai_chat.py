@@ -1,0 +1,181 @@
+"""`/v1/chat/completions`: messages encoded with mistral-common, reasoning returned as
+`reasoning_content` apart from `content`, `[TOOL_CALLS]` output parsed into `tool_calls`; whole or
+streamed (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.model.tokenizer import Tokenizer
+from deployments.api.chat_parser import ChatDelta, ChatParser
+from deployments.api.openai_completions import Job
+from deployments.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
+from deployments.api.outputs import SSE_DONE, Progress, TokenText, chat_logprobs, sse, usage
+from deployments.errors import APIError, BadRequest, to_api_error
+from deployments.frontend.engine_client import EngineStream, merged
+from deployments.frontend.ingress_core import IngressCore
+
+
+def prompt_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the prompt shows the model: a named choice shows only that tool, "none" none."""
+    choice = body.tool_choice
+    if choice is None or choice == "auto" or choice == "required":
+        if choice == "required" and not body.tools:
+            raise BadRequest("tool_choice 'required' needs tools", "tool_choice")
+        return body.tools
+    if choice == "none":
+        return None
+    assert isinstance(choice, NamedToolChoice)
+    named = [t for t in body.tools or [] if isinstance(t, dict)
+             and isinstance(t.get("function"), dict) and t["function"].get("name") == choice.function.name]
+    if not named:
+        raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+    return named
+
+
+def forced_prefix(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """The tokens the answer is made to start with: `[TOOL_CALLS]` for tool_choice "required",
+    `[TOOL_CALLS]name[ARGS]` for a named choice (the model then writes the arguments), none
+    otherwise. They go at the end of the prompt, and the answer's parser takes them as its first
+    tokens, so the call is in the answer whatever the model would have begun with. (The arguments
+    are the model's: without constrained decoding they are not checked against the schema.)"""
+    choice = body.tool_choice
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        if tokenizer.tool_calls_id is None or tokenizer.args_id is None:
+            raise BadRequest("this model's tokenizer has no tool-call tokens: tool_choice 'required' or a named "
+                             "function cannot be enforced", "tool_choice")
+        if choice == "required":
+            return [tokenizer.tool_calls_id]
+        return [tokenizer.tool_calls_id, *tokenizer.encode_text(choice.function.name, bos=False), tokenizer.args_id]
+    return []
+
+
+def tool_call_json(call: Any, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": call.id, "type": "function",
+                           "function": {"name": call.name, "arguments": call.arguments}}
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+class ChatJob(Job):
+    def __init__(self, core: IngressCore, body: ChatCompletionRequest, rid: str, streams: list[EngineStream],
+                 prompt: list[int], model: str, forced: list[int] | None = None) -> None:
+        super().__init__(rid, streams, model, body.include_usage)
+        self.body, self.prompt = body, prompt
+        self.tokens = TokenText(core.tokenizer)
+        self.parsers = [ChatParser(core.tokenizer) for _ in streams]
+        for parser in self.parsers:
+            parser.prime(forced or [])
+
+    async def collect(self) -> dict[str, Any]:
+        last: dict[int, Any] = {}
+        try:
+            async for i, out in merged(self.streams):
+                self.parsers[i].feed(out.token_ids, len(out.text))
+                last[i] = out
+        finally:
+            self.cancel()
+        choices = []
+        for i, parser in enumerate(self.parsers):
+            out = last[i]
+            parser.finish(len(out.text))
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": parser.content or (None if parser.calls else ""),
+                                       "reasoning_content": parser.reasoning or None}
+            if parser.calls:
+                message["tool_calls"] = [tool_call_json(c) for c in parser.calls]
+            choice: dict[str, Any] = {"index": i, "message": message,
+                                      "finish_reason": parser.finish_reason(out.finish_reason),
+                                      "stop_reason": out.stop_reason,
+                                      "logprobs": chat_logprobs(self.tokens, out.logprobs) if self.body.logprobs
+                                      else None}
+            if self.body.return_token_ids:
+                choice["prompt_token_ids"], choice["token_ids"] = self.prompt, list(out.token_ids)
+            choices.append(choice)
+        completion = sum(len(out.token_ids) for out in last.values())
+        return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(len(self.prompt), completion)}
+
+    async def events(self) -> AsyncIterator[str]:
+        progress = [Progress() for _ in self.streams]
+        try:
+            for i in range(len(self.streams)):
+                yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]))
+            async for i, out in merged(self.streams):
+                parser, p = self.parsers[i], progress[i]
+                delta = parser.feed(out.token_ids, len(out.text))
+                if out.finished:
+                    end = parser.finish(len(out.text))
+                    delta = ChatDelta(delta.reasoning + end.reasoning, delta.content + end.content,
+                                      delta.tool_calls + end.tool_calls)
+                _, ids, lps = p.step(out)
+                if delta or lps:
+                    choice: dict[str, Any] = {"index": i, "delta": _delta_json(delta), "finish_reason": None,
+                                              "logprobs": chat_logprobs(self.tokens, lps) if self.body.logprobs
+                                              else None}
+                    if self.body.return_token_ids:
+                        choice["token_ids"] = list(ids)
+                    yield sse(self._chunk([choice]))
+                if out.finished:
+                    yield sse(self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                            "finish_reason": parser.finish_reason(out.finish_reason),
+                                            "stop_reason": out.stop_reason}]))
+            if self.include_usage:
+                yield sse(self._chunk([], usage(len(self.prompt), sum(p.tokens for p in progress))))
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield sse(to_api_error(exc).body())
+        finally:
+            self.cancel()
+        yield SSE_DONE
+
+    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                                 "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = use
+        return chunk
+
+
+def _delta_json(delta: ChatDelta) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if delta.reasoning:
+        out["reasoning_content"] = delta.reasoning
+    if delta.content:
+        out["content"] = delta.content
+    if delta.tool_calls:
+        calls = []
+        for c in delta.tool_calls:
+            if c.id is not None:
+                calls.append({"index": c.index, "id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}})
+            else:
+                calls.append({"index": c.index, "function": {"arguments": c.arguments}})
+        out["tool_calls"] = calls
+    return out
+
+
+async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
+    body.unsupported()
+    info = await core.check_model(body.model)
+    # Images are fetched, checked and decoded by the ingress (deployments/images.py); mistral-common
+    # resizes them by the Pixtral rules while encoding, off the event loop (templating and
+    # tokenizing take a while too); the decoded pixels are let go once encoded.
+    no_images = None if info.has_vision and core.vision.available else info.name
+    async with core.images.decoded(body.messages, no_images) as (messages, _):
+        encoded = await asyncio.to_thread(core.encode_chat, messages, prompt_tools(body), body.reasoning_effort)
+    forced = forced_prefix(body, core.tokenizer)
+    prompt = list(encoded.token_ids) + forced
+    core.check_prompt(prompt, info, "messages")
+    core.check_n(body.n, 1)
+    max_tokens = core.max_tokens(body.requested_max_tokens, [len(prompt)], info, core.config.max_tokens)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = core.sampling_params(body, max_tokens, logprobs)
+    images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
+    rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages")
+    return ChatJob(core, body, rid, streams, prompt, info.name, forced)

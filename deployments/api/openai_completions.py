@@ -1,0 +1,107 @@
+"""`/v1/completions`: text or token-id prompts, whole or streamed (SSE), with vLLM's
+`return_token_ids` and OpenAI's legacy logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.api.openai_protocol import CompletionRequest
+from deployments.api.outputs import SSE_DONE, Progress, TokenText, completion_logprobs, sse, usage
+from deployments.errors import APIError, to_api_error
+from deployments.frontend.engine_client import EngineStream, merged
+from deployments.frontend.ingress_core import IngressCore
+
+
+class Job:
+    """Started engine streams of one API request; `cancel` aborts them all (idempotent)."""
+
+    def __init__(self, rid: str, streams: list[EngineStream], model: str, include_usage: bool) -> None:
+        self.rid, self.streams, self.model, self.include_usage = rid, streams, model, include_usage
+        self.created = int(time.time())
+
+    def cancel(self) -> None:
+        for s in self.streams:
+            s.cancel()
+
+
+class CompletionJob(Job):
+    def __init__(self, core: IngressCore, body: CompletionRequest, rid: str, streams: list[EngineStream],
+                 prompts: list[list[int]], model: str) -> None:
+        super().__init__(rid, streams, model, body.include_usage)
+        self.body, self.prompts, self.tokens = body, prompts, TokenText(core.tokenizer)
+
+    def _prompt(self, index: int) -> list[int]:
+        return self.prompts[index // self.body.n]
+
+    async def collect(self) -> dict[str, Any]:
+        last: dict[int, Any] = {}
+        try:
+            async for i, out in merged(self.streams):
+                last[i] = out
+        finally:
+            self.cancel()
+        choices = []
+        for i in range(len(self.streams)):
+            out = last[i]
+            choice: dict[str, Any] = {
+                "index": i, "text": out.text, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+                "logprobs": completion_logprobs(self.tokens, out.logprobs, 0) if out.logprobs is not None else None}
+            if self.body.return_token_ids:
+                choice["prompt_token_ids"] = self._prompt(i)
+                choice["token_ids"] = list(out.token_ids)
+            choices.append(choice)
+        completion = sum(len(out.token_ids) for out in last.values())
+        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(sum(len(p) for p in self.prompts), completion)}
+
+    async def events(self) -> AsyncIterator[str]:
+        progress = [Progress() for _ in self.streams]
+        try:
+            async for i, out in merged(self.streams):
+                p = progress[i]
+                first = p.tokens == 0
+                text, ids, lps = p.step(out)
+                choice: dict[str, Any] = {
+                    "index": i, "text": text,
+                    "logprobs": completion_logprobs(self.tokens, lps, p.chars - len(text))
+                    if out.logprobs is not None else None,
+                    "finish_reason": out.finish_reason if out.finished else None,
+                    "stop_reason": out.stop_reason if out.finished else None}
+                if self.body.return_token_ids:
+                    choice["token_ids"] = list(ids)
+                    if first:
+                        choice["prompt_token_ids"] = self._prompt(i)
+                yield sse(self._chunk([choice]))
+            if self.include_usage:
+                done = sum(p.tokens for p in progress)
+                yield sse(self._chunk([], usage(sum(len(p) for p in self.prompts), done)))
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield sse(to_api_error(exc).body())
+        finally:
+            self.cancel()
+        yield SSE_DONE
+
+    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.rid, "object": "text_completion", "created": self.created,
+                                 "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = use
+        return chunk
+
+
+async def start_completion(core: IngressCore, body: CompletionRequest) -> CompletionJob:
+    body.unsupported()
+    info = await core.check_model(body.model)
+    # Off the event loop: a long prompt must not stall every other request of this replica.
+    prompts = await asyncio.to_thread(core.encode_completion_prompts, body.prompt, info)
+    core.check_n(body.n, len(prompts))
+    max_tokens = core.max_tokens(body.max_tokens, [len(p) for p in prompts], info,
+                                 core.config.default_completion_tokens)
+    params = core.sampling_params(body, max_tokens, body.logprobs)
+    rid, streams = await core.start("cmpl", prompts, params, body.n)
+    return CompletionJob(core, body, rid, streams, prompts, info.name)

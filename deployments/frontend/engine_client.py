@@ -1,0 +1,137 @@
+"""The ingress side of the router hop: open a streaming call per engine request, see its first
+output (so refusals become 4xx before any response is started), and cancel it on every early exit,
+which aborts the request at the engine and frees its KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from cluster.engine.sequence import RequestOutput
+from deployments.errors import to_api_error
+from deployments.serving.request import GenerateRequest
+from deployments.telemetry.instrumentation import observe_stream
+
+
+class EngineStream:
+    def __init__(self, generator: object, retry_after_s: int, on_close: Callable[[], None] | None = None) -> None:
+        self._gen = generator  # a Serve DeploymentResponseGenerator
+        self._first: RequestOutput | None = None
+        self._retry_after_s = retry_after_s
+        self._on_close = on_close  # runs once, when the stream finishes or is cancelled
+        self._done = False
+
+    def _finish(self) -> None:
+        self._done = True
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def prime(self) -> None:
+        try:
+            self._first = await self._gen.__anext__()
+        except StopAsyncIteration:
+            self._finish()
+            raise to_api_error(RuntimeError("the engine ended a request without output")) from None
+        except BaseException as exc:
+            self.cancel()  # a refused request is gone already; a cancelled caller must not leave it running
+            if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                raise
+            raise to_api_error(exc, self._retry_after_s) from None
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+                if first.finished:
+                    self._finish()
+                    return
+            try:
+                async for out in self._gen:
+                    yield out
+                    if out.finished:
+                        self._finish()
+                        return
+            except Exception as exc:
+                raise to_api_error(exc, self._retry_after_s) from None
+            self._finish()
+        finally:
+            if not self._done:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Idempotent, and a no-op once the stream finished; Serve forwards it to the router
+        replica, whose generator then aborts the request."""
+        if self._done:
+            return
+        self._finish()
+        with contextlib.suppress(Exception):
+            self._gen.cancel()
+
+
+class EngineClient:
+    def __init__(self, router: object, retry_after_s: int) -> None:
+        self._router = router  # DeploymentHandle of the Router deployment
+        self._retry_after_s = retry_after_s
+
+    async def open(self, requests: Sequence[GenerateRequest],
+                   on_close: Sequence[Callable[[], None]] | None = None) -> list[EngineStream]:
+        """Starts every request, waits for each one's first output; on any failure cancels all.
+        `on_close[i]` runs once when stream i finishes or is cancelled."""
+        closers = list(on_close) if on_close is not None else [None] * len(requests)
+        streams = [EngineStream(observe_stream(self._router.options(stream=True).generate.remote(r)),  # metrics
+                                self._retry_after_s, c)
+                   for r, c in zip(requests, closers, strict=True)]
+        try:
+            await asyncio.gather(*(s.prime() for s in streams))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        return streams
+
+    async def call(self, method: str, timeout_s: float) -> object:
+        return await asyncio.wait_for(getattr(self._router, method).remote(), timeout_s)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def merged(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index; leaving early (or
+    an error in any stream) cancels them all."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: EngineStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, exc))
+            return
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for s in streams:
+            s.cancel()

@@ -1,0 +1,88 @@
+"""A workaround, installed in Ray Serve's gRPC proxy, for streaming calls that end on the client's
+side (cancel, deadline) while the proxy is sending a message.
+
+Ray Serve 2.60's proxy cancels the replica request only when the cancellation reaches it while it
+awaits the replica's next message (`ProxyResponseGenerator.__anext__`). When it arrives while the
+proxy is writing a message to the client, grpc closes the proxy's response generator at its
+`yield` (`gRPCProxy.send_request_to_replica`); the `GeneratorExit` is caught by its
+`except BaseException`, nothing cancels the replica request, and generation runs on to the end
+for nobody (KV blocks held). Dropping a Ray streaming generator does not stop its producer either.
+
+The fix: the proxy's response wrapper cancels its replica request when it is garbage-collected
+before it finished, which happens as soon as the abandoned generator is closed. It is installed
+by listing `add_stream_cancellation_to_server` among Serve's `grpc_servicer_functions`, the one
+hook that runs inside the proxy process; it adds no service. If Serve's internals differ from the
+version this was written against, it logs a warning and changes nothing.
+
+The same hook also forwards the client's deadline: Serve copies only the call's metadata to the
+replica, so the proxy adds `x-moe-cluster-deadline` (the deadline as Unix seconds) to the context
+it sends, which lets the ingress count a call that ended at its deadline as such
+(`ray_moe_cluster_aborts_total{cause="deadline"}`) rather than as a client cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger("ray.serve")
+_installed = False
+DEADLINE_METADATA = "x-moe-cluster-deadline"  # deployments.telemetry.instrumentation reads it
+
+
+def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:
+    """Signature of a servicer function, so that Serve's gRPC proxy calls it at start."""
+    global _installed
+    if _installed:
+        return
+    try:
+        from ray.serve._private import proxy
+        from ray.serve._private.proxy_response_generator import ProxyResponseGenerator
+    except ImportError as exc:
+        logger.warning("gRPC stream cancellation fix not installed: %s", exc)
+        return
+    if getattr(proxy, "ProxyResponseGenerator", None) is not ProxyResponseGenerator:
+        logger.warning("gRPC stream cancellation fix not installed: unexpected Serve proxy internals")
+        return
+
+    class CancelOnDropResponseGenerator(ProxyResponseGenerator):
+        def __del__(self) -> None:
+            response = getattr(self, "_response", None)
+            if response is None or getattr(self, "_done", True):
+                return
+            try:
+                if not response.cancelled():
+                    response.cancel()
+            except Exception:  # noqa: BLE001 - a finalizer must not raise
+                logger.debug("cancelling an abandoned gRPC stream failed", exc_info=True)
+
+    proxy.ProxyResponseGenerator = CancelOnDropResponseGenerator
+    _forward_deadlines()
+    _installed = True
+
+
+def _forward_deadlines() -> None:
+    try:
+        from ray.serve._private import proxy_request_response as prr
+    except ImportError as exc:
+        logger.warning("gRPC deadline forwarding not installed: %s", exc)
+        return
+    make_context = getattr(prr, "RayServegRPCContext", None)
+    if make_context is None:
+        logger.warning("gRPC deadline forwarding not installed: unexpected Serve proxy internals")
+        return
+
+    def context_with_deadline(grpc_context: Any) -> Any:
+        context = make_context(grpc_context)
+        try:
+            remaining = grpc_context.time_remaining()
+            if remaining is not None and hasattr(context, "_invocation_metadata"):
+                deadline = f"{time.time() + remaining:.3f}"
+                context._invocation_metadata.append((DEADLINE_METADATA, deadline))
+                context._invocation_metadata_dict[DEADLINE_METADATA] = deadline
+        except Exception:  # noqa: BLE001 - never fail a call over its deadline's metadata
+            logger.debug("forwarding a gRPC deadline failed", exc_info=True)
+        return context
+
+    prr.RayServegRPCContext = context_with_deadline

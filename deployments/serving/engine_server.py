@@ -1,0 +1,98 @@
+"""The Router deployment: one attention engine (AsyncEngine over LLMEngine) per replica, fed with
+typed requests through a streaming DeploymentHandle. The expert dispatcher is the configured
+transport (`local` until the expert-shard deployments exist)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.engine.async_engine import AsyncEngine, EngineDeadError
+from cluster.engine.sequence import RequestOutput
+from cluster.engine.stats import EngineStats
+from cluster.errors import RequestError
+from deployments.config import AppConfig, resolve_model_dir, served_name
+from deployments.errors import Unavailable, request_error
+from deployments.serving.engine_builder import build_router_engine
+from deployments.serving.request import GenerateRequest, ModelInfo
+from deployments.telemetry.instrumentation import RouterInstrumentation
+
+logger = logging.getLogger("ray.serve")
+
+
+class Router:
+    def __init__(self, config: AppConfig) -> None:
+        model_dir = resolve_model_dir(config.model)
+        engine = build_router_engine(config, model_dir)
+        self.engine = AsyncEngine(engine)
+        self._metrics = RouterInstrumentation(self.engine, config.transport)  # times exchanges, polls stats
+        self.replica_id = _replica_id()
+        self._requests = 0  # generate calls received
+        self._reports = 0
+        mc = engine.model_config
+        self._info = ModelInfo(name=served_name(config, model_dir), model_dir=str(model_dir),
+                               vocab_size=engine.text.vocab_size, max_model_len=engine.max_model_len,
+                               has_vision=mc.vision is not None)
+        logger.info("router ready: %s (%s), max_model_len %d, %d KV blocks", self._info.name, model_dir,
+                    engine.max_model_len, engine.blocks.num_blocks)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request; cancelling the caller's stream aborts it here and frees
+        its KV blocks (AsyncEngine.generate aborts when left early)."""
+        self._requests += 1
+        try:
+            # Image embeddings come ready from the VisionEncoder deployment (via the ingress).
+            async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids),
+                                                  request.params, request.images):
+                yield out
+        except RequestError as exc:
+            raise request_error(exc) from None
+        except EngineDeadError as exc:
+            raise Unavailable(str(exc)) from None
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve's controller every `routing.stats_period_s`; the KV-aware request router
+        (deployments.serving.request_router) reads it in every handle. Never waits for an engine step: the
+        engine loop publishes its KV load after every change."""
+        load = self.engine.load
+        self._reports += 1
+        return {"replica": self.replica_id, "seq": self._reports, "time": time.time(),
+                "free_blocks": load.available_blocks, "total_blocks": load.total_blocks,
+                "block_size": load.block_size, "running": load.num_running, "waiting": load.num_waiting,
+                "requests": self._requests}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """KV use and waiting queue for deployments.telemetry.autoscaling.RouterAutoscalingPolicy."""
+        return self._metrics.autoscaling_stats()
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead engine loop marks the replica unhealthy (and restarted)."""
+        if not self.engine.alive:
+            raise RuntimeError(f"engine loop stopped: {self.engine.error!r}")
+
+    def __del__(self) -> None:
+        if getattr(self, "_metrics", None) is not None:
+            self._metrics.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests, tools)
+        return "local"

@@ -1,0 +1,28 @@
+"""The typed request that travels from the ingress to a router, and what a router says about its
+model. Frozen dataclasses: pickled across Ray hops, never validated twice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.engine.sampling_params import SamplingParams
+from cluster.model.image_rows import ImageRows
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    # the prompt's image embeddings and the [IMG] positions they fill, from the VisionEncoder
+    # deployment (each choice of a request carries its own copy)
+    images: ImageRows | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    model_dir: str
+    vocab_size: int
+    max_model_len: int
+    has_vision: bool

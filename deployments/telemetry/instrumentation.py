@@ -1,0 +1,457 @@
+"""Where the serving layers record the series of `deployments.telemetry.metrics`, kept out of the request code
+so that each hook there is one line:
+
+- Router replica: `RouterInstrumentation` times every expert exchange (`TimedDispatcher` around the
+  engine's dispatcher), polls the engine's stats, expert token counts and shard health on a daemon
+  thread (`RouterMetrics`), and answers Serve's `record_autoscaling_stats()` with the KV use and
+  waiting queue that `deployments.telemetry.autoscaling.RouterAutoscalingPolicy` scales on.
+- Ingress, per request: `RequestTracker` (time to first token, inter-token latency, end-to-end
+  latency, finish reason, aborts by cause). The HTTP middleware and the gRPC method wrapper start
+  one per call and close it when the call ends; `EngineClient.open` hands every engine stream it
+  opens to the current tracker (`observe_stream`, through a context variable), so the request
+  code itself carries nothing.
+- Ingress, API: `HttpMetricsMiddleware` (status counts by route template, never the raw path) and
+  `observe_grpc` (status counts by method).
+- Images: `deployments.frontend.images.ImagePipeline` (preprocessing, per image) and the VisionEncoder
+  deployment (per batch) record through their own `VisionMetrics`.
+
+Metrics never fail a request: every recording here swallows its own errors (logged at debug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from deployments.telemetry.metrics import (
+    ApiMetrics,
+    MetricSet,
+    RequestMetrics,
+    RouterMetrics,
+    TimedDispatcher,
+)
+
+logger = logging.getLogger("ray.serve")
+
+ROUTER_POLL_INTERVAL_S = 5.0  # Ray exports every ~10 s; polling faster only costs lock time
+UNMATCHED_ROUTE = "<unmatched>"  # the route label of a path no route matches (bounded cardinality)
+CLIENT_CLOSED = 499  # the HTTP code recorded when the client went away before a response started
+GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "Chat", "ChatStream"})
+CHAT_METHODS = frozenset({"Chat", "ChatStream"})
+CHAT_ROUTES = frozenset({"/v1/chat/completions"})
+# Set by Serve's gRPC proxy (deployments.grpc.proxy_fix): the client's deadline, Unix seconds.
+DEADLINE_METADATA = "x-moe-cluster-deadline"  # = deployments.grpc.proxy_fix.DEADLINE_METADATA
+DEADLINE_SLACK_S = 0.05
+
+
+@contextlib.contextmanager
+def _quiet(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - metrics never fail a request
+        logger.debug("metrics: %s failed", what, exc_info=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router
+# ---------------------------------------------------------------------------------------------
+
+class _LockedEngine:
+    """What `RouterMetrics.poll` reads, each read under the engine loop's lock (the loop thread
+    mutates the scheduler, the block manager and the expert counters while it steps)."""
+
+    def __init__(self, async_engine: Any) -> None:
+        self._async = async_engine
+
+    @property
+    def _lock(self) -> Any:
+        return getattr(self._async, "_lock", None) or contextlib.nullcontext()
+
+    def stats(self) -> Any:
+        return self._async.stats()
+
+    @property
+    def counters(self) -> Any:
+        return self._async.engine.counters
+
+    @property
+    def dispatcher(self) -> Any:
+        return _LockedCounts(self._async.engine.dispatcher, self._lock)
+
+
+class _LockedCounts:
+    def __init__(self, dispatcher: Any, lock: Any) -> None:
+        self._dispatcher, self._lock_ = dispatcher, lock
+
+    def token_counts(self) -> Any:
+        with self._lock_:
+            return {layer: c.clone() if hasattr(c, "clone") else list(c)
+                    for layer, c in self._dispatcher.token_counts().items()}
+
+    def __getattr__(self, name: str) -> Any:  # shard health reads the dispatcher itself
+        return getattr(self._dispatcher, name)
+
+
+class RouterInstrumentation:
+    """A router replica's metrics. Create it once the engine is built: it wraps the engine's
+    dispatcher in a `TimedDispatcher` (exchange latency, per transport) and starts polling;
+    `autoscaling_stats()` is what `Router.record_autoscaling_stats()` returns; `stop()` on
+    shutdown."""
+
+    def __init__(self, async_engine: Any, transport: str, interval_s: float = ROUTER_POLL_INTERVAL_S,
+                 metrics: MetricSet | None = None, start: bool = True) -> None:
+        self.async_engine = async_engine
+        self.metrics = RouterMetrics(metrics, transport=transport)
+        engine = async_engine.engine
+        if not isinstance(engine.dispatcher, TimedDispatcher):
+            engine.dispatcher = TimedDispatcher(engine.dispatcher, self.metrics.experts)
+        self.view = _LockedEngine(async_engine)
+        if start:
+            self.metrics.start(self.view, interval_s)
+
+    def poll(self) -> Any:
+        return self.metrics.poll(self.view)
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """KV use, waiting and running sequences from the KV load the engine loop publishes after
+        every change (never waits for a step), and the expert load and exchange latency of the
+        latest metrics poll (absent until the first)."""
+        from deployments.telemetry.autoscaling import router_autoscaling_stats
+
+        load = getattr(self.async_engine, "load", None)
+        stats = router_autoscaling_stats(load if load is not None else self.async_engine.stats())
+        return {**stats, **self.metrics.expert_signals}
+
+    def stop(self) -> None:
+        self.metrics.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+_current: contextvars.ContextVar[RequestTracker | None] = contextvars.ContextVar("moe_cluster_request",
+                                                                                  default=None)
+
+
+class RequestTracker:
+    """One API request's latencies and outcome, fed by the engine streams it opens.
+
+    `begin()` makes it the current request of the calling task; every engine stream opened in it
+    goes through `observe_stream`, which reports each output (tokens as they arrive at the ingress;
+    the request's first token is its time to first token). The request completes when every stream
+    has finished (reason: the engine's, or `tool_calls` for a chat answer that called a tool). The
+    front end calls `close(exc, status)` once the call is over: a request that did not complete is
+    then counted as aborted, by cause: `deadline` (its deadline passed, or the call ended with a
+    timeout), `client` (cancelled, or the response ended early without an error), `error` (a server
+    error, or an error sent in-band in a stream). A request refused before it reached the engine
+    (4xx, 429, no stream opened) is not counted here; the API status counters have it."""
+
+    def __init__(self, deadline_at: float | None = None, tool_calls_id: int | None = None,
+                 metrics: MetricSet | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.request = RequestMetrics(metrics, clock=clock)
+        self._clock = clock
+        self.deadline_at = deadline_at  # on `clock`
+        self.tool_calls_id = tool_calls_id
+        self._tokens: list[int] = []
+        self._open = 0
+        self._reasons: list[str] = []
+        self._ended_at: float | None = None
+        self._error = False
+        self._lock = threading.Lock()
+        self.closed = False
+
+    @classmethod
+    def begin(cls, deadline_s: float | None = None, deadline_unix: float | None = None,
+              tool_calls_id: int | None = None, metrics: MetricSet | None = None) -> RequestTracker:
+        """A tracker for the calling task's request. The deadline is the tighter of a timeout
+        (`deadline_s` from now) and an absolute Unix time."""
+        now = time.monotonic()
+        deadlines = [now + deadline_s] if deadline_s else []
+        if deadline_unix is not None:
+            deadlines.append(now + (deadline_unix - time.time()))
+        tracker = cls(min(deadlines) if deadlines else None, tool_calls_id, metrics)
+        _current.set(tracker)
+        return tracker
+
+    @property
+    def streams(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def reason(self) -> str | None:
+        """What the request was counted as, once it was."""
+        return self.request.finished
+
+    def wrap(self, generator: Any) -> Any:
+        with self._lock:
+            index = len(self._tokens)
+            self._tokens.append(0)
+            self._open += 1
+        return _ObservedStream(generator, self, index)
+
+    def output(self, index: int, out: Any) -> None:
+        with _quiet("request output"), self._lock:
+            if self.request.finished is not None:
+                return
+            count = len(out.token_ids)
+            new, self._tokens[index] = count - self._tokens[index], count
+            if new > 0:
+                self.request.on_token(new)
+            if out.finished:
+                self._open -= 1
+                reason = out.finish_reason or "stop"
+                if reason == "stop" and self.tool_calls_id is not None and self.tool_calls_id in out.token_ids:
+                    reason = "tool_calls"
+                self._reasons.append(reason)
+                if self._open == 0:
+                    self._ended_at = self._clock()
+
+    def failed(self) -> None:
+        self._error = True
+
+    def close(self, exc: BaseException | None = None, status: int | None = None) -> str | None:
+        """The call is over (`exc`: what it raised; `status`: its HTTP status, or the HTTP
+        equivalent of its gRPC code). Records the outcome once; returns it."""
+        with _quiet("request close"), self._lock:
+            if self.closed:
+                return self.request.finished
+            self.closed = True
+            if self.request.finished is not None or not self._tokens:
+                return self.request.finished
+            if self._ended_at is not None:
+                reason = "tool_calls" if "tool_calls" in self._reasons else self._reasons[-1]
+                self.request.on_finish(reason, now=self._ended_at)
+            else:
+                cause = self._cause(exc, status)
+                if cause is not None:
+                    self.request.on_finish(cause)
+        return self.request.finished
+
+    def _cause(self, exc: BaseException | None, status: int | None) -> str | None:
+        from deployments.errors import APIError, DeadlineExceeded, unwrap
+
+        exc = unwrap(exc) if exc is not None else None
+        cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit) or status == CLIENT_CLOSED
+        past_deadline = self.deadline_at is not None and self._clock() >= self.deadline_at - DEADLINE_SLACK_S
+        if isinstance(exc, DeadlineExceeded | TimeoutError) or status in (408, 504):
+            return "deadline"
+        if cancelled:
+            return "deadline" if past_deadline else "client"
+        if isinstance(exc, APIError):
+            status = exc.status
+        elif exc is not None:
+            return "error"
+        if status is not None and 400 <= status < 500:
+            return None  # refused (bad input, overload): not a request that ran
+        if self._error or (status is not None and status >= 500):
+            return "error"
+        return "deadline" if past_deadline else "client"
+
+
+class _ObservedStream:
+    """An engine stream (Serve's DeploymentResponseGenerator) whose outputs and errors reach a
+    tracker; everything else is delegated."""
+
+    def __init__(self, inner: Any, tracker: RequestTracker, index: int) -> None:
+        self._inner, self._tracker, self._index = inner, tracker, index
+
+    def __aiter__(self) -> _ObservedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            out = await self._inner.__anext__()
+        except (StopAsyncIteration, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            self._tracker.failed()
+            raise
+        self._tracker.output(self._index, out)
+        return out
+
+    def cancel(self) -> None:
+        self._inner.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def observe_stream(generator: Any) -> Any:
+    """An engine stream opened for the current request, observed by its tracker (as is, outside
+    a tracked request)."""
+    tracker = _current.get()
+    return generator if tracker is None or tracker.closed else tracker.wrap(generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The path template of the route a request matches (`/v1/chat/completions`), whether or
+    not routing ran (a guard may answer first); `UNMATCHED_ROUTE` for no route."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    app = scope.get("app")
+    from starlette.routing import Match
+
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        try:
+            match, _ = candidate.matches(scope)
+        except Exception:  # noqa: BLE001 - a route that cannot match this scope
+            continue
+        if match != Match.NONE and getattr(candidate, "path", None):
+            return candidate.path
+    return UNMATCHED_ROUTE
+
+
+class HttpMetricsMiddleware:
+    """Outermost ASGI middleware of the ingress app: counts every response by route template and
+    status (`CLIENT_CLOSED` when the client left before one started, 500 when the app raised), and
+    tracks each request that reaches the engine (`RequestTracker`; chat routes count tool calls).
+    `get_tool_calls_id()` gives the tokenizer's `[TOOL_CALLS]` id (None: not counted apart)."""
+
+    def __init__(self, app: Any, deadline_s: float | None = None,
+                 get_tool_calls_id: Callable[[], int | None] | None = None, metrics: MetricSet | None = None) -> None:
+        self.app = app
+        self.deadline_s = deadline_s
+        self.get_tool_calls_id = get_tool_calls_id
+        self.metrics = metrics
+        self._api: ApiMetrics | None = None
+
+    def _tool_calls_id(self) -> int | None:
+        with _quiet("tool call token"):
+            return self.get_tool_calls_id() if self.get_tool_calls_id else None
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_template(scope)
+        tracker = RequestTracker.begin(
+            self.deadline_s, tool_calls_id=self._tool_calls_id() if route in CHAT_ROUTES else None,
+            metrics=self.metrics)
+        status: int | None = None
+
+        async def send_observed(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_observed)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if status is None:
+                status = CLIENT_CLOSED if isinstance(error, asyncio.CancelledError) else 500
+            tracker.close(error, status)
+            with _quiet("http status"):
+                if self._api is None:
+                    self._api = ApiMetrics(self.metrics)
+                self._api.http(route, status)
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC
+# ---------------------------------------------------------------------------------------------
+
+_GRPC_AS_HTTP = {"OK": 200, "CANCELLED": CLIENT_CLOSED, "DEADLINE_EXCEEDED": 504, "INVALID_ARGUMENT": 400,
+                 "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+                 "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "ALREADY_EXISTS": 409, "ABORTED": 409,
+                 "UNIMPLEMENTED": 501, "UNAVAILABLE": 503}
+
+
+def grpc_code_name(grpc_context: Any, exc: BaseException | None = None) -> str:
+    """The status a call ends with: the code set on the (Serve) context, else CANCELLED for a
+    cancelled call, UNKNOWN for an exception, OK."""
+    code = getattr(grpc_context, "code", None)
+    with _quiet("grpc code"):
+        code = code() if callable(code) else code
+    if code is not None and not callable(code):
+        return str(getattr(code, "name", code)).upper()
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "UNKNOWN" if exc is not None else "OK"
+
+
+def _deadline_unix(grpc_context: Any) -> float | None:
+    with _quiet("grpc deadline"):
+        for key, value in grpc_context.invocation_metadata() or ():
+            if key == DEADLINE_METADATA:
+                return float(value)
+    return None
+
+
+def _grpc_tracker(self: Any, method: str, grpc_context: Any) -> RequestTracker | None:
+    if method not in GENERATION_METHODS:
+        return None
+    config = self.core.config
+    tool_calls_id = None
+    if method in CHAT_METHODS:
+        with _quiet("tool call token"):
+            tool_calls_id = self.core.tokenizer.tool_calls_id
+    return RequestTracker.begin(config.request_timeout_s, _deadline_unix(grpc_context), tool_calls_id)
+
+
+def _grpc_done(method: str, grpc_context: Any, tracker: RequestTracker | None, exc: BaseException | None) -> None:
+    code = grpc_code_name(grpc_context, exc)
+    if code == "CANCELLED":  # the proxy cancels a call whose deadline passed: say which it was
+        deadline = _deadline_unix(grpc_context)
+        if deadline is not None and time.time() >= deadline - DEADLINE_SLACK_S:
+            code = "DEADLINE_EXCEEDED"
+    if tracker is not None:
+        tracker.close(exc, _GRPC_AS_HTTP.get(code, 500))
+    with _quiet("grpc status"):
+        ApiMetrics().grpc(method, code)
+
+
+def observe_grpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates an ingress gRPC method (unary or server streaming; `self.core` is its
+    IngressCore): counts its status by method name and tracks generation calls."""
+    name = method.__name__
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def streaming(self: Any, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
+            tracker = _grpc_tracker(self, name, grpc_context)
+            error: BaseException | None = None
+            try:
+                async with contextlib.aclosing(method(self, request, grpc_context)) as messages:
+                    async for message in messages:
+                        yield message
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _grpc_done(name, grpc_context, tracker, error)
+
+        return streaming
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, grpc_context: Any) -> Any:
+        tracker = _grpc_tracker(self, name, grpc_context)
+        error: BaseException | None = None
+        try:
+            return await method(self, request, grpc_context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _grpc_done(name, grpc_context, tracker, error)
+
+    return unary

@@ -1,0 +1,653 @@
+"""The cluster's Prometheus series, exported through Ray's metrics pipeline.
+
+Every series is defined once in `METRICS` (name, kind, description, tags, buckets): that registry
+creates the Ray metrics (`ray.serve.metrics` inside Serve replicas, which adds the `deployment`,
+`replica` and `application` tags; `ray.util.metrics` elsewhere), renders the table in
+`docs/OPERATIONS.md` (`python -m deployments.telemetry.metrics`), and is what the tests hold the docs, the
+alert rules and the dashboards to. Ray exports a metric named `moe_cluster_x` as `ray_moe_cluster_x`.
+
+The recorders are small classes over a `MetricSet`; they hold no Ray state of their own, so the
+tests drive them with a fake factory:
+
+- `EngineMetrics.observe_stats(EngineStats)`: gauges from a snapshot, counter increments from the
+  growth of the snapshot's monotonic counters since the previous one.
+- `RequestMetrics`: one per request: `on_first_token`, `on_token`, `on_finish(reason)`.
+- `ExpertMetrics.observe_token_counts({layer: counts[E]})`: per-(layer, expert) increments and an
+  imbalance gauge per layer (max / mean tokens over the experts since the previous observation).
+- `RouterMetrics.poll(engine)` / `.start(engine)`: all of a router's engine-side series from an
+  `LLMEngine`, polled; `TimedDispatcher` wraps the engine's dispatcher to time each exchange.
+- `VisionMetrics`, `ApiMetrics`, `AutoscalingMetrics`.
+
+Nothing here imports torch or starts Ray: metrics are created lazily, on first record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from cluster.engine.stats import EngineStats
+
+PREFIX = "moe_cluster_"
+RAY_PREFIX = "ray_"
+# Tags that ray.serve.metrics adds inside a replica; our own tags must not use them, except on the
+# autoscaler's series (recorded in the Serve controller, outside any replica), which join with
+# Serve's own `ray_serve_autoscaling_*` series on exactly these names.
+SERVE_TAGS = ("deployment", "replica", "application")
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+# Bucket boundaries, seconds.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+EXCHANGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+IMAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+VISION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+REFORM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Why a request ended. Finish reasons of a completed generation, then the abort causes.
+FINISH_REASONS = ("stop", "length", "tool_calls")
+ABORT_CAUSES = ("client", "deadline", "error")
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """One series. `name` is what the code registers with Ray (with `PREFIX`); Prometheus sees
+    `exported` (Ray adds `ray_`). Counters are named with `_total`, which Ray then keeps as is."""
+
+    name: str
+    kind: Kind
+    description: str
+    tags: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    recorder: str = "router"  # the component that records it (documentation)
+
+    def __post_init__(self) -> None:
+        if not self.name.startswith(PREFIX):
+            raise ValueError(f"metric {self.name!r} must start with {PREFIX!r}")
+        if (self.kind == "counter") != self.name.endswith("_total"):
+            raise ValueError(f"metric {self.name!r}: counters, and only counters, end with _total")
+        if (self.kind == "histogram") != bool(self.buckets):
+            raise ValueError(f"metric {self.name!r}: histograms, and only histograms, have buckets")
+        if list(self.buckets) != sorted(set(self.buckets)) or any(b <= 0 for b in self.buckets):
+            raise ValueError(f"metric {self.name!r}: buckets must be positive and increasing")
+
+    @property
+    def exported(self) -> str:
+        return RAY_PREFIX + self.name
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The names Prometheus stores for it."""
+        if self.kind == "histogram":
+            return tuple(f"{self.exported}_{s}" for s in ("bucket", "sum", "count"))
+        return (self.exported,)
+
+
+def _m(name: str, kind: Kind, description: str, tags: tuple[str, ...] = (), buckets: tuple[float, ...] = (),
+       recorder: str = "router") -> MetricDef:
+    return MetricDef(PREFIX + name, kind, description, tags, buckets, recorder)
+
+
+METRICS: tuple[MetricDef, ...] = (
+    # Engine (router replica), from EngineStats snapshots.
+    _m("requests_running", "gauge", "Sequences in the router's running batch.", recorder="router"),
+    _m("requests_waiting", "gauge", "Sequences waiting for admission (KV blocks or batch slots).",
+       recorder="router"),
+    _m("kv_blocks_used", "gauge", "Paged KV cache blocks in use.", recorder="router"),
+    _m("kv_blocks_capacity", "gauge", "Paged KV cache blocks of the replica (used + free).", recorder="router"),
+    _m("kv_usage_ratio", "gauge", "KV blocks used / total (0..1): the router's autoscaling signal.",
+       recorder="router"),
+    _m("prompt_tokens_total", "counter", "Prompt tokens admitted.", recorder="router"),
+    _m("generation_tokens_total", "counter", "Tokens generated.", recorder="router"),
+    _m("preemptions_total", "counter", "Sequences preempted (KV blocks freed, recomputed later).",
+       recorder="router"),
+    _m("forward_calls_total", "counter", "Model forward passes (engine steps that ran the model).",
+       recorder="router"),
+    _m("group_reforms_total", "counter", "Expert-parallel group re-formations after a failed exchange.",
+       recorder="router"),
+    _m("group_reform_seconds", "histogram", "Time one expert-parallel group re-formation took.",
+       buckets=REFORM_BUCKETS, recorder="router"),
+    # Requests (ingress), one RequestMetrics per request.
+    _m("time_to_first_token_seconds", "histogram", "Request arrival to its first generated token.",
+       buckets=TTFT_BUCKETS, recorder="ingress"),
+    _m("inter_token_latency_seconds", "histogram", "Gap between consecutive generated tokens of a request.",
+       buckets=ITL_BUCKETS, recorder="ingress"),
+    _m("e2e_request_latency_seconds", "histogram", "Request arrival to its last token (completed requests).",
+       buckets=E2E_BUCKETS, recorder="ingress"),
+    _m("requests_finished_total", "counter",
+       "Requests ended, by reason: stop, length, tool_calls, or an abort cause (client, deadline, error).",
+       tags=("reason",), recorder="ingress"),
+    _m("aborts_total", "counter", "Requests aborted before completion, by cause: client, deadline, error.",
+       tags=("cause",), recorder="ingress"),
+    # Expert parallelism.
+    _m("expert_exchange_latency_seconds", "histogram",
+       "One MoE layer's token exchange (dispatch + expert compute + combine) as the router sees it.",
+       tags=("transport",), buckets=EXCHANGE_BUCKETS, recorder="router"),
+    _m("expert_tokens_total", "counter", "Routed (token, expert) assignments, per MoE layer and expert.",
+       tags=("layer", "expert"), recorder="router"),
+    _m("expert_imbalance_ratio", "gauge",
+       "Per MoE layer: tokens of the busiest expert / mean tokens per expert, since the previous "
+       "observation (1 = perfectly balanced).", tags=("layer",), recorder="router"),
+    _m("shard_up", "gauge", "Expert shard health as the router's dispatcher sees it: 1 up, 0 down.",
+       tags=("rank",), recorder="router"),
+    # Images.
+    _m("image_preprocess_seconds", "histogram", "Fetch, check, decode and resize of one image.",
+       buckets=IMAGE_BUCKETS, recorder="ingress"),
+    _m("vision_encoder_seconds", "histogram", "One vision encoder batch (all images of the batch).",
+       buckets=VISION_BUCKETS, recorder="vision"),
+    # API.
+    _m("http_responses_total", "counter",
+       "HTTP responses by route template (`<unmatched>`: no route) and status code (499: the client left "
+       "before a response started).", tags=("route", "code"), recorder="ingress"),
+    _m("grpc_responses_total", "counter",
+       "gRPC calls by method and status code name (DEADLINE_EXCEEDED: cancelled at the client's deadline).",
+       tags=("method", "code"), recorder="ingress"),
+    # Autoscaling (recorded by the project's policies in the Serve controller).
+    _m("autoscaling_wanted_replicas", "gauge",
+       "Replicas the policy wants before its bounds (above max_replicas: at the ceiling).",
+       tags=("application", "deployment"), recorder="controller"),
+    _m("autoscaling_max_replicas", "gauge", "The policy's upper bound of replicas.",
+       tags=("application", "deployment"), recorder="controller"),
+    _m("autoscaling_signal", "gauge",
+       "The policy's inputs, averaged over replicas: kv_usage, num_waiting, expert_load, exchange_latency_s.",
+       tags=("application", "deployment", "signal"), recorder="controller"),
+)
+
+METRICS_BY_NAME: dict[str, MetricDef] = {m.name: m for m in METRICS}
+if len(METRICS_BY_NAME) != len(METRICS):  # pragma: no cover - a definition error
+    raise RuntimeError("duplicate metric names")
+
+
+def metric(name: str) -> MetricDef:
+    """A definition by name, with or without the prefixes."""
+    key = name.removeprefix(RAY_PREFIX)
+    key = key if key.startswith(PREFIX) else PREFIX + key
+    return METRICS_BY_NAME[key]
+
+
+def exported_series() -> set[str]:
+    """Every series name Prometheus stores for the project's metrics."""
+    return {s for m in METRICS for s in m.series}
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating metrics
+# ---------------------------------------------------------------------------------------------
+
+class Recorder(Protocol):
+    """What a created metric offers: Ray's Counter.inc / Gauge.set / Histogram.observe."""
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+
+MetricFactory = Callable[[MetricDef], Any]
+
+
+def ray_metric_factory(definition: MetricDef) -> Any:
+    """Creates the Ray metric of a definition: `ray.serve.metrics` (adds the replica's deployment,
+    replica and application tags inside a replica) unless the definition uses those tags itself."""
+    if any(t in SERVE_TAGS for t in definition.tags):
+        from ray.util import metrics as mod
+    else:
+        from ray.serve import metrics as mod
+    tags = definition.tags or None
+    if definition.kind == "counter":
+        return mod.Counter(definition.name, description=definition.description, tag_keys=tags)
+    if definition.kind == "gauge":
+        return mod.Gauge(definition.name, description=definition.description, tag_keys=tags)
+    return mod.Histogram(definition.name, description=definition.description,
+                         boundaries=list(definition.buckets), tag_keys=tags)
+
+
+class MetricSet:
+    """The created metrics of one process, made on first use from `METRICS`. Thread-safe: the
+    engine loop and the asyncio loop both record."""
+
+    def __init__(self, factory: MetricFactory = ray_metric_factory) -> None:
+        self._factory = factory
+        self._made: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        definition = metric(name)
+        made = self._made.get(definition.name)
+        if made is None:
+            with self._lock:
+                made = self._made.get(definition.name)
+                if made is None:
+                    made = self._made[definition.name] = self._factory(definition)
+        return made
+
+    def inc(self, name: str, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        if value > 0:  # Ray refuses increments <= 0
+            self.get(name).inc(value, tags=_check_tags(name, tags))
+
+    def set(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
+        self.get(name).set(float(value), tags=_check_tags(name, tags))
+
+    def observe(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
+        self.get(name).observe(max(0.0, float(value)), tags=_check_tags(name, tags))
+
+
+def _check_tags(name: str, tags: dict[str, str] | None) -> dict[str, str] | None:
+    definition = metric(name)
+    given = tuple(sorted(tags or {}))
+    if given != tuple(sorted(definition.tags)):
+        raise ValueError(f"{definition.name} takes tags {definition.tags}, got {given}")
+    return {k: str(v) for k, v in tags.items()} if tags else None
+
+
+_default: MetricSet | None = None
+_default_lock = threading.Lock()
+
+
+def default_metric_set() -> MetricSet:
+    """The process-wide set of Ray metrics (one per replica process)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = MetricSet()
+        return _default
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorders
+# ---------------------------------------------------------------------------------------------
+
+# EngineStats field -> counter it feeds (the fields are totals since the engine started).
+_STATS_COUNTERS = (
+    ("prompt_tokens", "prompt_tokens_total"),
+    ("generation_tokens", "generation_tokens_total"),
+    ("num_preemptions", "preemptions_total"),
+    ("forward_calls", "forward_calls_total"),
+)
+
+
+class EngineMetrics:
+    """Exports a router's EngineStats snapshots. Counters grow by the difference to the previous
+    snapshot; a value below the previous one means a new engine (counted from zero again)."""
+
+    def __init__(self, metrics: MetricSet | None = None) -> None:
+        self.metrics = metrics or default_metric_set()
+        self._previous: dict[str, int] = {}
+        self._reforms_seen = 0
+        self._lock = threading.Lock()
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        m = self.metrics
+        m.set("requests_running", stats.num_running)
+        m.set("requests_waiting", stats.num_waiting)
+        m.set("kv_blocks_used", stats.kv_blocks_used)
+        m.set("kv_blocks_capacity", stats.kv_blocks_total)
+        m.set("kv_usage_ratio", stats.kv_usage)
+        with self._lock:
+            for field, counter in _STATS_COUNTERS:
+                value = int(getattr(stats, field))
+                before = self._previous.get(field, 0)
+                delta = value - before if value >= before else value
+                self._previous[field] = value
+                m.inc(counter, delta)
+
+    def observe_reforms(self, reforms: Sequence[float]) -> None:
+        """`LLMEngine.counters.reforms`: seconds of every re-form so far; records the new ones."""
+        with self._lock:
+            if len(reforms) < self._reforms_seen:  # a new engine
+                self._reforms_seen = 0
+            new = list(reforms[self._reforms_seen:])
+            self._reforms_seen = len(reforms)
+        for seconds in new:
+            self.metrics.inc("group_reforms_total")
+            self.metrics.observe("group_reform_seconds", seconds)
+
+
+class RequestMetrics:
+    """One request's latencies: create it when the request arrives, call `on_token` as tokens
+    stream out (`on_first_token` is implied by the first), and `on_finish` once at the end with
+    a finish reason (stop, length, tool_calls) or an abort cause (client, deadline, error)."""
+
+    def __init__(self, metrics: MetricSet | None = None, clock: Callable[[], float] = time.monotonic,
+                 start: float | None = None) -> None:
+        self.metrics = metrics or default_metric_set()
+        self._clock = clock
+        self.started = clock() if start is None else start
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.tokens = 0
+        self.finished: str | None = None
+
+    def on_first_token(self, now: float | None = None) -> None:
+        if self.first_token_at is not None:
+            return
+        now = self._clock() if now is None else now
+        self.first_token_at = self.last_token_at = now
+        self.metrics.observe("time_to_first_token_seconds", now - self.started)
+
+    def on_token(self, count: int = 1, now: float | None = None) -> None:
+        """`count` new tokens arrived (a streamed chunk may carry several): the gap since the
+        previous chunk is spread evenly over them."""
+        if count <= 0 or self.finished is not None:
+            return
+        now = self._clock() if now is None else now
+        if self.first_token_at is None:
+            self.on_first_token(now)
+            count -= 1
+            self.tokens += 1
+        if count > 0:
+            gap = (now - (self.last_token_at or now)) / count
+            for _ in range(count):
+                self.metrics.observe("inter_token_latency_seconds", gap)
+            self.tokens += count
+        self.last_token_at = now
+
+    def on_finish(self, reason: str, now: float | None = None) -> None:
+        if self.finished is not None:
+            return
+        self.finished = reason = _reason(reason)
+        self.metrics.inc("requests_finished_total", tags={"reason": reason})
+        if reason in ABORT_CAUSES:
+            self.metrics.inc("aborts_total", tags={"cause": reason})
+        else:
+            now = self._clock() if now is None else now
+            self.metrics.observe("e2e_request_latency_seconds", now - self.started)
+
+
+def _reason(reason: str | None) -> str:
+    """Finish reasons as the API reports them; anything unknown counts as `error` (a bounded set
+    of tag values keeps the series count bounded)."""
+    reason = (reason or "").lower()
+    aliases = {"abort": "client", "cancelled": "client", "canceled": "client", "timeout": "deadline",
+               "tool_call": "tool_calls", "eos": "stop", "max_tokens": "length"}
+    reason = aliases.get(reason, reason)
+    return reason if reason in FINISH_REASONS or reason in ABORT_CAUSES else "error"
+
+
+def _as_list(counts: Any) -> list[float]:
+    if hasattr(counts, "tolist"):  # torch / numpy
+        counts = counts.tolist()
+    return [float(c) for c in counts]
+
+
+class ExpertMetrics:
+    """Expert load and the exchange: `observe_token_counts` takes `Dispatcher.token_counts()` (totals
+    since start, per layer); `per_expert=False` keeps only the imbalance gauges (36 x 128 series
+    per router for the real model otherwise)."""
+
+    def __init__(self, metrics: MetricSet | None = None, per_expert: bool = True,
+                 transport: str = "local") -> None:
+        self.metrics = metrics or default_metric_set()
+        self.per_expert = per_expert
+        self.transport = transport
+        self._previous: dict[int, list[float]] = {}
+        self._lock = threading.Lock()
+        # For the autoscaling signals: routed (token, expert) pairs since start, and the exchange
+        # seconds and count since the last `autoscaling_signals()` read.
+        self._assignments = 0.0
+        self._exchange_seconds, self._exchanges = 0.0, 0
+        self._load_meter: Any = None
+
+    def observe_token_counts(self, counts: Mapping[int, Any]) -> dict[int, float]:
+        """Records the growth since the previous call; returns the imbalance per layer that moved."""
+        imbalance: dict[int, float] = {}
+        for layer, raw in sorted(counts.items()):
+            now = _as_list(raw)
+            with self._lock:
+                before = self._previous.get(layer)
+                if before is None or len(before) != len(now) or any(a < b for a, b in zip(now, before, strict=True)):
+                    before = [0.0] * len(now)
+                self._previous[layer] = now
+            delta = [a - b for a, b in zip(now, before, strict=True)]
+            with self._lock:
+                self._assignments += sum(delta)
+            if self.per_expert:
+                for expert, d in enumerate(delta):
+                    self.metrics.inc("expert_tokens_total", d, tags={"layer": str(layer), "expert": str(expert)})
+            ratio = imbalance_ratio(delta)
+            if ratio is not None:
+                imbalance[layer] = ratio
+                self.metrics.set("expert_imbalance_ratio", ratio, tags={"layer": str(layer)})
+        return imbalance
+
+    def observe_exchange(self, seconds: float) -> None:
+        self.metrics.observe("expert_exchange_latency_seconds", seconds, tags={"transport": self.transport})
+        with self._lock:
+            self._exchange_seconds += seconds
+            self._exchanges += 1
+
+    def autoscaling_signals(self, num_shards: int, now: float) -> dict[str, float]:
+        """The expert signals a router replica reports to the autoscaler: routed assignments per
+        second per shard and the mean exchange latency, both since the previous call (0 when the
+        router was idle). Call it after `observe_token_counts` in each poll."""
+        from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, ExpertLoadMeter
+
+        with self._lock:
+            if self._load_meter is None or self._load_meter.num_shards != max(1, num_shards):
+                self._load_meter = ExpertLoadMeter(num_shards)
+            load = self._load_meter.update(self._assignments, now)
+            latency = self._exchange_seconds / self._exchanges if self._exchanges else 0.0
+            self._exchange_seconds, self._exchanges = 0.0, 0
+        return {EXPERT_LOAD_KEY: float(load), EXCHANGE_LATENCY_KEY: float(latency)}
+
+    def set_shard_health(self, rank: int, up: bool) -> None:
+        self.metrics.set("shard_up", 1.0 if up else 0.0, tags={"rank": str(rank)})
+
+    def set_shards_health(self, health: Mapping[int, bool] | Iterable[bool]) -> None:
+        items = health.items() if isinstance(health, Mapping) else enumerate(health)
+        for rank, up in items:
+            self.set_shard_health(rank, bool(up))
+
+
+def imbalance_ratio(tokens: Sequence[float]) -> float | None:
+    """max / mean tokens per expert; None when no token moved."""
+    if not tokens:
+        return None
+    total = float(sum(tokens))
+    if total <= 0:
+        return None
+    return max(tokens) / (total / len(tokens))
+
+
+class TimedDispatcher:
+    """Wraps an expert `Dispatcher` (duck-typed: everything is delegated) so that each MoE layer's
+    exchange is observed: `engine.dispatcher = TimedDispatcher(engine.dispatcher, expert_metrics)`.
+    `healthy` is the outcome of the latest exchange (False from a failed one until one succeeds)."""
+
+    def __init__(self, inner: Any, metrics: ExpertMetrics, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.inner = inner
+        self._metrics = metrics
+        self._clock = clock
+        self.healthy = True
+
+    def dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        start = self._clock()
+        try:
+            out = self.inner.dispatch(*args, **kwargs)
+        except BaseException:
+            self.healthy = False
+            raise
+        finally:
+            self._metrics.observe_exchange(self._clock() - start)
+        self.healthy = True
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def shard_health(dispatcher: Any, ping_timeout_s: float = 2.0) -> dict[int, bool] | None:
+    """Expert shard health per rank as a router's dispatcher sees it, or None where the transport
+    has no shards of its own (`local`: the experts live in the router process):
+    `dispatcher.shard_health()` if it has one; Ray actor shards (`shards`, each with `ping`) that
+    answer a ping within `ping_timeout_s`; else the ranks of its placement, up while its latest
+    exchange succeeded (`TimedDispatcher.healthy`; the DeepSpeed transport)."""
+    report = getattr(dispatcher, "shard_health", None)
+    if callable(report):
+        return {int(rank): bool(up) for rank, up in dict(report()).items()}
+    healthy = bool(getattr(dispatcher, "healthy", True))
+    shards = getattr(dispatcher, "shards", None)
+    if shards and all(hasattr(getattr(s, "ping", None), "remote") for s in shards):
+        import ray
+
+        refs = [s.ping.remote() for s in shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ping_timeout_s)
+        health = {}
+        for rank, ref in enumerate(refs):
+            try:
+                health[rank] = ref in ready and bool(ray.get(ref, timeout=0))
+            except Exception:  # noqa: BLE001 - a dead actor or a failed ping: down
+                health[rank] = False
+        return health
+    ranks = getattr(getattr(dispatcher, "placement", None), "num_ranks", None)
+    if shards is None and isinstance(ranks, int) and ranks > 0:
+        return dict.fromkeys(range(ranks), healthy)
+    return None
+
+
+class RouterMetrics:
+    """Everything a router replica exports from its engine, polled: `poll(engine)` reads
+    `engine.stats()`, `engine.counters.reforms`, `engine.dispatcher.token_counts()` and the shard
+    health (`shard_health`) of `engine.dispatcher` (an `LLMEngine`; each part optional) and records
+    them; `start(engine)` polls on a daemon thread every `interval_s` until `stop()`."""
+
+    def __init__(self, metrics: MetricSet | None = None, transport: str = "local", per_expert: bool = True) -> None:
+        self.metrics = metrics or default_metric_set()
+        self.engine = EngineMetrics(self.metrics)
+        self.experts = ExpertMetrics(self.metrics, per_expert=per_expert, transport=transport)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.expert_signals: dict[str, float] = {}  # the latest poll's ExpertMetrics.autoscaling_signals
+
+    def poll(self, engine: Any) -> EngineStats:
+        stats = engine.stats()
+        self.engine.observe_stats(stats)
+        counters = getattr(engine, "counters", None)
+        if counters is not None and hasattr(counters, "reforms"):
+            self.engine.observe_reforms(counters.reforms)
+        dispatcher = getattr(engine, "dispatcher", None)
+        if dispatcher is not None and hasattr(dispatcher, "token_counts"):
+            self.experts.observe_token_counts(dispatcher.token_counts())
+            placement = getattr(dispatcher, "placement", None)
+            self.expert_signals = self.experts.autoscaling_signals(getattr(placement, "num_ranks", 1),
+                                                                   time.monotonic())
+        health = shard_health(dispatcher) if dispatcher is not None else None
+        if health:
+            self.experts.set_shards_health(health)
+        return stats
+
+    def start(self, engine: Any, interval_s: float = 5.0) -> None:
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.poll(engine)
+                except Exception:  # metrics never take a replica down
+                    logging.getLogger("ray.serve").warning("router metrics poll failed", exc_info=True)
+
+        self._thread = threading.Thread(target=loop, name="moe-cluster-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class VisionMetrics:
+    def __init__(self, metrics: MetricSet | None = None) -> None:
+        self.metrics = metrics or default_metric_set()
+
+    def observe_preprocess(self, seconds: float) -> None:
+        self.metrics.observe("image_preprocess_seconds", seconds)
+
+    def observe_encoder(self, seconds: float) -> None:
+        self.metrics.observe("vision_encoder_seconds", seconds)
+
+
+class ApiMetrics:
+    """Status counts. `route` is the route template (`/v1/chat/completions`), never the raw path;
+    `code` the HTTP status number or the gRPC status name (`OK`, `INVALID_ARGUMENT`, ...)."""
+
+    def __init__(self, metrics: MetricSet | None = None) -> None:
+        self.metrics = metrics or default_metric_set()
+
+    def http(self, route: str, code: int | str) -> None:
+        self.metrics.inc("http_responses_total", tags={"route": route, "code": str(int(code))})
+
+    def grpc(self, method: str, code: Any) -> None:
+        name = getattr(code, "name", code)  # grpc.StatusCode or its name
+        self.metrics.inc("grpc_responses_total", tags={"method": method, "code": str(name).upper()})
+
+
+class AutoscalingMetrics:
+    """What the project's autoscaling policies decided and why (recorded in the Serve controller)."""
+
+    def __init__(self, metrics: MetricSet | None = None) -> None:
+        self.metrics = metrics or default_metric_set()
+
+    def record(self, application: str, deployment: str, wanted: float, max_replicas: float,
+               signals: Mapping[str, float]) -> None:
+        tags = {"application": application or "", "deployment": deployment}
+        self.metrics.set("autoscaling_wanted_replicas", wanted, tags=tags)
+        self.metrics.set("autoscaling_max_replicas", max_replicas, tags=tags)
+        for signal, value in signals.items():
+            if value is not None and math.isfinite(value):
+                self.metrics.set("autoscaling_signal", value, tags={**tags, "signal": signal})
+
+
+class Stopwatch:
+    """`with Stopwatch() as sw: ...; sw.seconds` for timing a block."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._start = self._clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = self._clock() - self._start
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation
+# ---------------------------------------------------------------------------------------------
+
+TABLE_BEGIN = "<!-- metrics-table:begin (generated by `python -m deployments.telemetry.metrics`; do not edit) -->"
+TABLE_END = "<!-- metrics-table:end -->"
+
+
+def render_table() -> str:
+    """The markdown table of every series, as it stands in docs/OPERATIONS.md."""
+    lines = ["| Series | Type | Tags | Recorded by | Description |", "| --- | --- | --- | --- | --- |"]
+    for m in METRICS:
+        tags = ", ".join(f"`{t}`" for t in m.tags) or "-"
+        kind = m.kind if m.kind != "histogram" else "histogram (" + ", ".join(f"{b:g}" for b in m.buckets) + " s)"
+        lines.append(f"| `{m.exported}` | {kind} | {tags} | {m.recorder} | {m.description} |")
+    return "\n".join([TABLE_BEGIN, *lines, TABLE_END])
+
+
+def documented_series(markdown: str) -> list[str]:
+    """Series names in the first column of the metrics table of a markdown text."""
+    if TABLE_BEGIN not in markdown or TABLE_END not in markdown:
+        return []
+    body = markdown.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
+    names = []
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith("`ray_"):
+            names.append(cells[0].strip("`"))
+    return names
+
+
+if __name__ == "__main__":
+    print(render_table())
