@@ -23,11 +23,14 @@ class PortInUseError(ClusterError):
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """Binds each port once, without SO_REUSEPORT (which Serve's proxies set, so that a second
-    server on the same port would start and split the traffic instead of failing)."""
+    server on the same port would start and split the traffic instead of failing), but with
+    SO_REUSEADDR: the connections of a server stopped a moment ago sit in TIME_WAIT, which must not
+    refuse a restart, while a live listener still does."""
     for name, port in ports.items():
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         bind_host = "" if name == "gRPC" else host  # Serve's gRPC proxy listens on every interface
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((bind_host, port))
             except OSError as exc:

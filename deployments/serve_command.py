@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from types import FrameType
 
-from deployments.config import AppConfig, load_config
-
-API_KEYS_ENV = "MOE_CLUSTER_API_KEYS"
+from deployments.config import API_KEYS_ENV, AppConfig, api_keys_from_env, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
-    keys = args.api_keys
-    if keys is None and os.environ.get(API_KEYS_ENV):
-        keys = [k.strip() for k in os.environ[API_KEYS_ENV].split(",") if k.strip()]
+    keys = args.api_keys if args.api_keys is not None else (list(api_keys_from_env()) or None)
     return load_config(args.config, model=args.model, host=args.host, http_port=args.http_port,
                        grpc_port=args.grpc_port, api_keys=keys, served_model_name=args.served_model_name,
                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,

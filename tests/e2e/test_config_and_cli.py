@@ -72,35 +72,49 @@ def test_serve_refuses_taken_ports(which, capsys):
     assert f"port {port} is already in use" in err and ("HTTP" if which == "http" else "gRPC") in err
 
 
-@pytest.mark.slow
-def test_serve_command_runs_and_stops_on_sigterm(tmp_path, tiny_ckpt):
-    """The real command in its own process: serves, answers, and exits 0 on SIGTERM, ports free."""
-    http_port, grpc_port = free_port(), free_port()
+def _start_serve(model: Path, http_port: int, grpc_port: int) -> tuple[subprocess.Popen, str]:
+    """`moe-cluster serve` in its own process, once it says it serves (or has exited)."""
     env = {**os.environ, "MOE_CLUSTER_API_KEYS": "cli-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_ckpt),
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--model", str(model),
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "4"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or proc.poll() is not None:
+            break
+    return proc, "".join(lines)
+
+
+def _serve_answers_and_stops(proc: subprocess.Popen, out: str, http_port: int, grpc_port: int) -> None:
+    assert f"http://127.0.0.1:{http_port}" in out and f":{grpc_port}" in out, out
+    r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                   headers={"Authorization": "Bearer cli-key"}, timeout=60)
+    assert r.status_code == 200, r.text
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
+
+
+@pytest.mark.slow
+def test_serve_command_runs_stops_on_sigterm_and_restarts_on_the_same_ports(tmp_path, tiny_ckpt):
+    """The real command in its own process: serves, answers, exits 0 on SIGTERM; a second one on
+    the same ports starts at once (the first one's connections in TIME_WAIT do not refuse it)."""
+    http_port, grpc_port = free_port(), free_port()
+    procs = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Press Ctrl-C" in line or proc.poll() is not None:
-                break
-        out = "".join(lines)
-        assert f"http://127.0.0.1:{http_port}" in out and f":{grpc_port}" in out, out
-        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
-                       headers={"Authorization": "Bearer cli-key"}, timeout=60)
-        assert r.status_code == 200, r.text
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, rest
-        assert "stopped" in rest
+        for _ in range(2):
+            proc, out = _start_serve(tiny_ckpt, http_port, grpc_port)
+            procs.append(proc)
+            _serve_answers_and_stops(proc, out, http_port, grpc_port)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for port in (http_port, grpc_port):
-        with socket.socket() as s:
-            s.bind(("", port))  # free again: nothing left listening
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for port in (http_port, grpc_port):  # nothing left listening
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
