@@ -117,7 +117,7 @@ def load_local_dispatcher(source: CheckpointReader | str | Path, num_shards: int
     `num_shards` contiguous in-process shards."""
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source, load_model_config(source))
     text = reader.config.text
-    placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, num_shards)
+    placement = ExpertPlacement.of_model(text, num_shards)
     return LocalDispatcher(placement, [ExpertShard(reader, placement, r) for r in range(num_shards)])
 
 

@@ -98,7 +98,7 @@ class GroupRouter:
         self.spec, self.registry = spec, registry
         self.reform_seconds: list[float] = []
         text = load_model_config(spec.model_dir).text
-        placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, spec.num_shards)
+        placement = ExpertPlacement.of_model(text, spec.num_shards)
         shards, _ = ray.get(registry.current.remote())
         if spec.transport == "ray":
             from cluster.experts.transport_ray import RayDispatcher

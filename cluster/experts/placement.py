@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.errors import ConfigError
+from cluster.model.config import TextConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ExpertPlacement:
         per = -(-num_experts // num_ranks)
         layer_owners = tuple((min(e // per, num_ranks - 1),) for e in range(num_experts))
         return cls(num_ranks, num_experts, {layer: layer_owners for layer in moe_layers})
+
+    @classmethod
+    def of_model(cls, text: TextConfig, num_ranks: int) -> ExpertPlacement:
+        """The default placement of a model's routed experts over `num_ranks` shards (contiguous)."""
+        return cls.contiguous(text.moe_layers, text.n_routed_experts, num_ranks)
 
     def with_copies(self, layer: int, expert: int, ranks: Sequence[int]) -> ExpertPlacement:
         """The same placement with `expert` of `layer` also held by `ranks` (redundant copies)."""

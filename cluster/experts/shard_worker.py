@@ -29,7 +29,7 @@ class ShardWorker:
         torch.set_num_threads(spec.torch_threads)
         config = load_model_config(spec.model_dir)
         self.text = config.text
-        placement = ExpertPlacement.contiguous(self.text.moe_layers, self.text.n_routed_experts, spec.num_shards)
+        placement = ExpertPlacement.of_model(self.text, spec.num_shards)
         self.rank, self.world = rank, spec.num_shards + 1
         self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank)
         self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_routers > 1 else 0.0)

@@ -49,7 +49,7 @@ def test_deepspeed_group_matches_local_and_reference(ray_cluster, tiny_ckpt: Pat
         assert not any(".experts." in n for n in router_params)
         reader = CheckpointReader(tiny_ckpt)
         text = reader.config.text
-        placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, num_shards)
+        placement = ExpertPlacement.of_model(text, num_shards)
         per_expert = 3 * text.hidden_size * text.moe_intermediate_size
         for rank, shard in enumerate(group.shards):
             held = ray.get(shard.held.remote())

@@ -152,7 +152,7 @@ def test_coalescer_merges_concurrent_calls_for_a_layer(tiny_ckpt: Path) -> None:
 
     reader = CheckpointReader(tiny_ckpt)
     text = reader.config.text
-    placement = ExpertPlacement.contiguous(text.moe_layers, text.n_routed_experts, 1)
+    placement = ExpertPlacement.of_model(text, 1)
     shard = ExpertShard(reader, placement, 0)
     coalescer = Coalescer(shard, window_s=0.3)
     layer = text.moe_layers[0]
