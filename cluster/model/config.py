@@ -205,23 +205,3 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         return ModelConfig("mistral4", text, None, None, 1, str(raw.get("dtype", "float32")), raw)
     raise UnsupportedCheckpointError(
         f"{path}: model_type {model_type!r} is not supported (expected 'mistral3' or 'mistral4')")
-
-
-def routed_flops_share(text: TextConfig) -> float:
-    """Share of per-token matmul FLOPs spent in routed experts, lm_head included (attention
-    over the context excluded: it depends on the context length)."""
-    h = text.hidden_size
-    heads = text.num_attention_heads
-    q = (h * text.q_lora_rank + text.q_lora_rank * heads * text.qk_head_dim
-         if text.q_lora_rank else h * heads * text.qk_head_dim)
-    attn = q + h * text.latent_dim + text.kv_lora_rank * heads * (text.qk_nope_head_dim + text.v_head_dim)
-    attn += heads * text.v_head_dim * h
-    routed = shared = dense = 0
-    for layer in range(text.num_hidden_layers):
-        if text.is_moe_layer(layer):
-            routed += 3 * h * text.moe_intermediate_size * text.num_experts_per_tok
-            shared += 3 * h * text.moe_intermediate_size * text.n_shared_experts + h * text.n_routed_experts
-        else:
-            dense += 3 * h * text.intermediate_size
-    total = attn * text.num_hidden_layers + routed + shared + dense + h * text.vocab_size
-    return routed / total if total else 0.0

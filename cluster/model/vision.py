@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,14 +194,3 @@ def image_rows(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[t
     embeds = torch.cat(list(image_embeds)) if sizes else torch.empty(0, 0)
     return ImageRows(mask.nonzero().flatten(), embeds)
 
-
-def merge_image_embeddings(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
-                           image_token_id: int, embed_fn: Callable[[torch.Tensor], torch.Tensor],
-                           image_end_id: int | None = None) -> torch.Tensor:
-    """The prompt's full inputs_embeds [P, H] (token embeddings with image rows merged in)."""
-    rows = image_rows(token_ids, image_embeds, image_token_id, image_end_id)
-    with torch.no_grad():
-        out = embed_fn(torch.as_tensor(token_ids, dtype=torch.long)).clone()  # [P, H]
-        if rows.positions.numel():
-            out[rows.positions] = rows.embeds.to(out.dtype)
-    return out

@@ -21,7 +21,7 @@ from cluster.model.vision import (
     InvalidImageError,
     TooManyImagesError,
     VisionEncoder,
-    merge_image_embeddings,
+    image_rows,
 )
 from tests.reference import assert_matches_reference, load_reference, pixel_inputs, reference_greedy
 
@@ -171,17 +171,15 @@ def test_image_token_count_mismatch(llm):
     with pytest.raises(ImageTokenMismatchError, match="0 image tokens"):
         llm.generate({"prompt_token_ids": [1, 1000, 1001], "images": chat.images}, GREEDY, use_tqdm=False)
     _assert_clean(llm)
-    embed = torch.nn.Embedding(20, 4)
     with pytest.raises(ImageTokenMismatchError, match="3 image tokens .* give 2 embedding rows"):
-        merge_image_embeddings([1, 10, 10, 10, 2], [torch.zeros(2, 4)], 10, embed)
+        image_rows([1, 10, 10, 10, 2], [torch.zeros(2, 4)], 10)
     # the right total, split the wrong way between two images: caught per image by [IMG_END]
     with pytest.raises(ImageTokenMismatchError, match="image 0 has 1 image tokens in the prompt but 2") as err:
-        merge_image_embeddings([1, 10, 13, 10, 10, 13], [torch.zeros(2, 4), torch.zeros(1, 4)], 10, embed, 13)
+        image_rows([1, 10, 13, 10, 10, 13], [torch.zeros(2, 4), torch.zeros(1, 4)], 10, 13)
     assert err.value.index == 0
-    merged = merge_image_embeddings([1, 10, 13, 10, 10, 13], [torch.ones(1, 4), torch.full((2, 4), 2.0)], 10,
-                                    embed, 13)
-    assert merged[[1, 3, 4], 0].tolist() == [1.0, 2.0, 2.0]
-    torch.testing.assert_close(merged[[0, 2, 5]], embed(torch.tensor([1, 13, 13])))
+    rows = image_rows([1, 10, 13, 10, 10, 13], [torch.ones(1, 4), torch.full((2, 4), 2.0)], 10, 13)
+    assert rows.positions.tolist() == [1, 3, 4]
+    assert rows.embeds[:, 0].tolist() == [1.0, 2.0, 2.0]
 
 
 def test_malformed_images_are_named(llm, encoder):

@@ -13,7 +13,7 @@ from cluster import LLM, SamplingParams
 from cluster.errors import CheckpointError, ConfigError, ScriptError, UnsupportedCheckpointError
 from cluster.experts.dispatchers import transport_factory
 from cluster.model.checkpoint import CheckpointReader
-from cluster.model.config import load_model_config, parse_text_config, routed_flops_share
+from cluster.model.config import TextConfig, load_model_config, parse_text_config
 from cluster.model.routed_experts import RoutedExperts
 from cluster.model.text_model import Mistral4TextModel
 from cluster.testing.checkpoint_writer import script_successors
@@ -104,7 +104,7 @@ def test_presets_meet_their_promises() -> None:
     assert rope["original_max_position_embeddings"] <= 512
     bench = parse_text_config(PRESETS["bench"].text)
     assert bench.n_routed_experts >= 16 and bench.num_experts_per_tok == 4
-    assert routed_flops_share(bench) >= 0.5
+    assert _routed_flops_share(bench) >= 0.5
     n_params = _param_count(bench)
     assert n_params * 4 <= 4 * 10**9
     assert tiny.vocab_size == bench.vocab_size == 131072
@@ -169,3 +169,23 @@ def test_coalescer_merges_concurrent_calls_for_a_layer(tiny_ckpt: Path) -> None:
     assert (coalescer.calls, coalescer.batches) == (2, 1)
     for i, (h, ids, w) in enumerate(inputs):
         torch.testing.assert_close(results[i], shard.compute(layer, h, ids, w))
+
+
+def _routed_flops_share(text: TextConfig) -> float:
+    """Share of per-token matmul FLOPs spent in routed experts, lm_head included (attention
+    over the context excluded: it depends on the context length)."""
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    q = (h * text.q_lora_rank + text.q_lora_rank * heads * text.qk_head_dim
+         if text.q_lora_rank else h * heads * text.qk_head_dim)
+    attn = q + h * text.latent_dim + text.kv_lora_rank * heads * (text.qk_nope_head_dim + text.v_head_dim)
+    attn += heads * text.v_head_dim * h
+    routed = shared = dense = 0
+    for layer in range(text.num_hidden_layers):
+        if text.is_moe_layer(layer):
+            routed += 3 * h * text.moe_intermediate_size * text.num_experts_per_tok
+            shared += 3 * h * text.moe_intermediate_size * text.n_shared_experts + h * text.n_routed_experts
+        else:
+            dense += 3 * h * text.intermediate_size
+    total = attn * text.num_hidden_layers + routed + shared + dense + h * text.vocab_size
+    return routed / total if total else 0.0
