@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,8 +12,10 @@ from tqdm.auto import tqdm
 
 from cluster.engine.engine_config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.output_aggregator import OutputKind, RequestOutput
+from cluster.engine.run_requests import EngineRequest, run_requests
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.sequence import RequestOutput, TokenLogprobs
+from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
 from cluster.errors import ConfigError, RequestError
 from cluster.model.config import load_model_config
@@ -149,6 +151,33 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[CompletionOutput]:
+        """The finished output of every prompt, in prompt order."""
+        requests = self._requests(prompts, sampling_params)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(requests), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            for out in self._run(requests, OutputKind.FINAL_ONLY):
+                done[out.request_id] = out
+                bar.update(1)
+        return [_completion(done[r.request_id]) for r in requests]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+               output_kind: OutputKind = OutputKind.CUMULATIVE) -> Iterator[RequestOutput]:
+        """The outputs of every prompt as the engine makes them, of `output_kind` (everything so
+        far after each step, only what is new, or one at the end), the prompts' outputs
+        interleaved (`request_id`, `offline-N`, tells them apart). Leaving the iterator early
+        aborts what still runs. With an expert group (a distributed transport) each request gives
+        one output, when it finished."""
+        return self._run(self._requests(prompts, sampling_params), output_kind)
+
+    def _run(self, requests: list[EngineRequest], kind: OutputKind) -> Iterator[RequestOutput]:
+        if self.group is not None:
+            return iter(self.group.generate(requests))
+        return run_requests(self.engine, requests, kind)
+
+    def _requests(self, prompts: Prompt | Sequence[Prompt],
+                  sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[EngineRequest]:
+        """Every prompt encoded and validated (and its images embedded) before any is admitted."""
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -158,24 +187,12 @@ class LLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        encoded = [self._encode(p) for p in prompts]  # all validated before any is admitted
+        encoded = [self._encode(p) for p in prompts]
         for tokens, _ in encoded:
             self._validate(tokens)
         embeds = self._embed_images(encoded)
-        if self.group is not None:
-            outs = self.group.generate([(t, p, e) for (t, _), e, p in zip(encoded, embeds, params, strict=True)])
-            return [_completion(o) for o in outs]
-        ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, (tokens, _), emb, p in zip(ids, encoded, embeds, params, strict=True):
-            self.engine.add_request(rid, tokens, p, images=emb)
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
-        return [_completion(done[rid]) for rid in ids]
+        return [EngineRequest(f"offline-{next(self._ids)}", tokens, p, emb)
+                for (tokens, _), emb, p in zip(encoded, embeds, params, strict=True)]
 
 
 def _completion(out: RequestOutput) -> CompletionOutput:

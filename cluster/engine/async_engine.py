@@ -7,10 +7,12 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.output_aggregator import OutputAggregator, OutputKind, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.sequence import EngineOutput
 from cluster.engine.stats import EngineStats, KVLoad
 from cluster.model.image_rows import ImageRows
 
@@ -48,10 +50,28 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       images: ImageRows | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's cumulative output after each step that advanced it; bad input
-        raises the engine's RequestError before any output; leaving the loop early (or being
-        cancelled) aborts the request and frees its blocks."""
+                       images: ImageRows | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs with text, of `output_kind`: everything so far after each
+        step that advanced it (the default), only what is new, or one at the end. Bad input raises
+        the engine's RequestError before any output; a stop string ends the request here and aborts
+        it in the engine; leaving the loop early (or being cancelled) aborts it too. Either way its
+        blocks are freed."""
+        outputs = OutputAggregator(request_id, params, self.engine.stop.tokenizer, output_kind)
+        async with aclosing(self.stream(request_id, prompt_token_ids, params, images)) as deltas:
+            async for delta in deltas:
+                out = outputs.add(delta)
+                if out is not None:
+                    yield out
+                if outputs.finished:
+                    return  # closing `deltas` aborts a request that a stop string ended here
+
+    async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     images: ImageRows | None = None) -> AsyncIterator[EngineOutput]:
+        """Yields what each step made of the request: new token ids (no text), the prompt ids on
+        the first output. Bad input raises the engine's RequestError before any output; leaving
+        the loop before the finished output (or being cancelled) aborts the request and frees its
+        blocks."""
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
         queue: asyncio.Queue = asyncio.Queue()

@@ -15,7 +15,7 @@ from cluster.engine.engine_config import EngineConfig, resolve_limits
 from cluster.engine.sampler import logprobs_of, sample
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from cluster.engine.sequence import RequestOutput, Sequence, Status
+from cluster.engine.sequence import EngineOutput, Sequence, Status
 from cluster.engine.stats import EngineStats, KVLoad
 from cluster.engine.stop import StopChecker
 from cluster.errors import DuplicateRequestError, InvalidTokenError, PromptTooLongError, RequestError
@@ -103,13 +103,12 @@ class LLMEngine:
         if not bool(torch.isfinite(images.embeds).all()):
             raise RequestError("image embeddings contain NaN or infinity")
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> EngineOutput | None:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, "abort"
-        self.stop.forget(seq)
         self.counters.aborts += 1
         return self._output(seq)
 
@@ -118,7 +117,8 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
+        """Runs one step; an output per request it advanced, with only that step's tokens."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -140,7 +140,6 @@ class LLMEngine:
             if seq.finished:
                 self.scheduler.remove(seq)
                 del self._seqs[seq.request_id]
-                self.stop.forget(seq)
             outputs.append(self._output(seq))
         return outputs
 
@@ -200,15 +199,15 @@ class LLMEngine:
                 inputs_embeds[at] = e.to(inputs_embeds.dtype)
         return input_ids, meta, inputs_embeds, torch.tensor(rows, dtype=torch.long)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        out = seq.output_ids
-        new = tuple(out[seq.reported:])
-        seq.reported = len(out)
-        return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=tuple(seq.token_ids[:seq.num_prompt_tokens]),
-            token_ids=tuple(out), new_token_ids=new, text=self.stop.visible_text(seq), finished=seq.finished,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None)
+    def _output(self, seq: Sequence) -> EngineOutput:
+        """Only what is new since the sequence's last output (the prompt ids on its first)."""
+        new = tuple(seq.token_ids[seq.num_prompt_tokens + seq.reported:])
+        seq.reported += len(new)
+        prompt = None if seq.prompt_reported else tuple(seq.token_ids[:seq.num_prompt_tokens])
+        seq.prompt_reported = True
+        logprobs = tuple(seq.logprobs) if seq.params.logprobs is not None else None
+        seq.logprobs.clear()
+        return EngineOutput(seq.request_id, new, seq.finished, seq.finish_reason, seq.stop_reason, logprobs, prompt)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -25,18 +25,19 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
-class RequestOutput:
-    """Cumulative state of one request after a step; `new_token_ids` is this step's delta."""
+class EngineOutput:
+    """What one step (or an abort) made of one request: only what is new since its last output.
+    Text is not made here: the consumer of the stream decodes the tokens and checks stop strings
+    (`cluster.engine.output_aggregator`). The engine finishes a request on EOS, a stop token id,
+    `max_tokens` and the context limit; a consumer that finds a stop string aborts it."""
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
     new_token_ids: tuple[int, ...]
-    text: str
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort"
-    stop_reason: str | int | None = None
-    logprobs: tuple[TokenLogprobs, ...] | None = None
+    stop_reason: int | None = None  # the stop token id that ended it
+    new_logprobs: tuple[TokenLogprobs, ...] | None = None  # one per new token, when logprobs were asked for
+    prompt_token_ids: tuple[int, ...] | None = None  # on the request's first output only
 
 
 @dataclass(eq=False)
@@ -50,12 +51,12 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    stop_reason: int | None = None
     generator: torch.Generator | None = None
-    text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of the tokens not reported yet
     num_preemptions: int = 0
     reported: int = 0  # output tokens already reported
+    prompt_reported: bool = False
 
     @property
     def output_ids(self) -> list[int]:

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.engine.engine_config import EngineConfig
-from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.output_aggregator import OutputKind, RequestOutput
+from cluster.engine.run_requests import EngineRequest, run_requests
 from cluster.errors import ConfigError
 from cluster.experts.shard_worker import ShardWorker, free_port
-from cluster.model.image_rows import ImageRows
 
 log = logging.getLogger(__name__)
 EXPERT_SLOT = "expert_slot"
 TRANSPORTS = ("deepspeed", "ray")
-Request = tuple[list[int], SamplingParams, ImageRows | None]
 
 
 @dataclass(frozen=True)
@@ -164,26 +162,21 @@ class RouterWorker:
         self.spec, self.registry = spec, registry
         self.member: GroupRouter | None = None
         self.engine: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # around each engine call
+        # One batch at a time: a batch's outputs are made from every delta of its requests, so
+        # another caller stepping the same engine must not take them.
+        self._batch = threading.Lock()
 
     def start(self) -> None:
         self.member = GroupRouter(self.spec, self.registry)
         self.engine = self.member.engine
 
-    def generate(self, requests: list[Request]) -> list[RequestOutput]:
-        ids = []
-        with self._lock:
-            for i, (tokens, params, images) in enumerate(requests):
-                rid = f"r{time.monotonic_ns()}-{i}"
-                self.engine.add_request(rid, tokens, params, images)
-                ids.append(rid)
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            with self._lock:
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-        return [done[r] for r in ids]
+    def generate(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """The finished outputs, in request order."""
+        with self._batch:
+            done = {out.request_id: out for out in run_requests(self.engine, requests, OutputKind.FINAL_ONLY,
+                                                                self._lock)}
+        return [done[r.request_id] for r in requests]
 
     def validate(self, tokens: list[int]) -> None:
         self.engine.validate_prompt(tokens)
@@ -253,8 +246,9 @@ class ExpertGroup:
 
         return ray.get(self.registry.current.remote())[0]
 
-    def generate(self, requests: list[Request]) -> list[RequestOutput]:
-        """Requests spread round-robin over the routers, which run concurrently."""
+    def generate(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Requests spread round-robin over the routers, which run concurrently; the finished
+        outputs, in request order."""
         import ray
 
         n = len(self.routers)

@@ -101,7 +101,8 @@ def test_bad_prompts_are_typed_errors_and_others_keep_running(llm: LLM, prompt, 
     outs = []
     while engine.has_unfinished():
         outs.extend(engine.step())
-    assert outs[-1].request_id == "good" and len(outs[-1].token_ids) == 8
+    assert outs[-1].request_id == "good" and outs[-1].finished
+    assert sum(len(o.new_token_ids) for o in outs if o.request_id == "good") == 8
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -169,7 +170,7 @@ def test_async_engine_streams_and_aborts(llm: LLM) -> None:
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         seen = [o async for o in engine.generate("s", [1, 1500, 1600], params)]
         assert [len(o.token_ids) for o in seen] == [1, 2, 3, 4, 5, 6]
-        assert seen[-1].finished and sum(len(o.new_token_ids) for o in seen) == 6
+        assert seen[-1].finished and [o.finished for o in seen].count(True) == 1
         long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
         async with contextlib.aclosing(engine.generate("dropped", [1, 1500, 1600], long)) as stream:
             async for out in stream:
