@@ -31,11 +31,12 @@ class CheckpointReader:
         self._weight_map = self._load_weight_map()
         self._handles: dict[str, object] = {}
         self.reads: list[str] = []
-        self.text_prefix = next(
+        text_prefix = next(
             (p for p in _TEXT_PREFIXES if f"{p}embed_tokens.weight" in self._weight_map), None)
-        if self.text_prefix is None:
+        if text_prefix is None:
             raise CheckpointError(f"{self.model_dir}: no embed_tokens.weight under any known prefix "
                                   f"{[p for p in _TEXT_PREFIXES if p]}")
+        self.text_prefix: str = text_prefix
         self.lm_head_name = next((n for n in _LM_HEADS if n in self._weight_map), None)
         if self.lm_head_name is None and not self.config.text.tie_word_embeddings:
             raise CheckpointError(f"{self.model_dir}: no lm_head.weight and tie_word_embeddings is false")
@@ -43,13 +44,13 @@ class CheckpointReader:
     def _load_weight_map(self) -> dict[str, str]:
         index = self.model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
+            indexed = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(indexed, dict):
                 raise CheckpointError(f"{index}: no weight_map")
-            for file in set(weight_map.values()):
+            for file in set(indexed.values()):
                 if not (self.model_dir / file).is_file():
                     raise CheckpointError(f"{index} names {file}, which is missing")
-            return dict(weight_map)
+            return dict(indexed)
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.model_dir}: no *.safetensors files")
@@ -77,7 +78,10 @@ class CheckpointReader:
         return sorted(names)
 
     def _full_name(self, rel: str) -> str:
-        return self.lm_head_name if rel == "lm_head.weight" else self.text_prefix + rel
+        if rel == "lm_head.weight":
+            # without one (tied embeddings) the name is missing from the map, and `read` says so
+            return self.lm_head_name or rel
+        return self.text_prefix + rel
 
     def has(self, rel: str) -> bool:
         return self._full_name(rel) in self._weight_map if rel != "lm_head.weight" else bool(self.lm_head_name)

@@ -13,6 +13,9 @@ class RoutedExperts(nn.Module):
     """Holds experts `expert_ids` (global ids) of one layer; computes only the (token, expert)
     pairs whose expert it holds and counts them per expert for load statistics."""
 
+    global_to_local: torch.Tensor  # [num_experts] local index of a global expert id, -1 if not held
+    token_counts: torch.Tensor  # [num_experts] (token, expert) pairs computed since the last reset
+
     def __init__(self, num_experts: int, expert_ids: Sequence[int], gate_up: torch.Tensor,
                  down: torch.Tensor) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from mistral_common.protocol.instruct.converters import (
     convert_openai_messages,
     convert_openai_tools,
 )
-from mistral_common.protocol.instruct.messages import UserMessage
+from mistral_common.protocol.instruct.messages import ChatMessage, UserMessage
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
@@ -39,8 +39,9 @@ from cluster.errors import CheckpointError, ClusterError, RequestError
 
 _SHIPPED_TEKKEN = Path(instruct.__file__).parents[2] / "data" / "tekken_240911.json"
 _ROLES = ("system", "developer", "user", "assistant", "tool")
-_BAD_INPUT = (ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError)
-_BAD_INPUT += (mc_errors.MistralCommonException,)
+_BAD_INPUT: tuple[type[Exception], ...] = (
+    ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError, mc_errors.MistralCommonException,
+)
 
 
 class TokenizerError(ClusterError):
@@ -175,8 +176,11 @@ class Tokenizer:
     img_end_id = _SpecialId(SpecialTokens.img_end)
 
     def __init__(self, mistral: MistralTokenizer, model_dir: Path) -> None:
+        tekken = mistral.instruct_tokenizer.tokenizer
+        if not isinstance(tekken, Tekkenizer):
+            raise TokenizerFormatError(f"{model_dir}: a {type(tekken).__name__}, not a tekken tokenizer")
         self._mistral = mistral
-        self._tekken: Tekkenizer = mistral.instruct_tokenizer.tokenizer  # type: ignore[assignment]
+        self._tekken = tekken
         self.model_dir = model_dir
 
     @classmethod
@@ -234,7 +238,7 @@ class Tokenizer:
         converted = [_convert_message(i, m) for i, m in enumerate(messages)]
         converted_tools = None if tools is None else [_convert_tool(i, t) for i, t in enumerate(tools)]
         with _rejected_as(""):  # "": the field is inferred from the error
-            request = ChatCompletionRequest.model_validate(
+            request: ChatCompletionRequest[ChatMessage] = ChatCompletionRequest.model_validate(
                 {"messages": converted, "tools": converted_tools, "reasoning_effort": reasoning_effort}
             )
             tokenized = self._mistral.encode_chat_completion(request)
@@ -255,7 +259,8 @@ def _convert_message(i: int, msg: Any) -> Any:
         raise InvalidChatRequestError(field, "must be an object")
     if msg.get("role") not in _ROLES:
         raise InvalidChatRequestError(f"{field}.role", f"must be one of {_ROLES}, got {msg.get('role')!r}")
-    parts = msg.get("content") if isinstance(msg.get("content"), list) else []
+    content = msg.get("content")
+    parts: list[Any] = content if isinstance(content, list) else []
     for j, part in enumerate(parts):
         url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
         url = url.get("url") if isinstance(url, dict) else url

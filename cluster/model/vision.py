@@ -101,6 +101,7 @@ class VisionEncoder:
     def from_reader(cls, reader: CheckpointReader) -> VisionEncoder:
         from transformers import Mistral3Config
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+        from transformers.models.pixtral.configuration_pixtral import PixtralVisionConfig
         from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
 
         raw = reader.config.raw
@@ -110,6 +111,8 @@ class VisionEncoder:
         prefix = next((p for p in _PREFIXES if reader.names_with_prefix(f"{p}vision_tower.")), None)
         if prefix is None:
             raise CheckpointError(f"{reader.model_dir}: no vision_tower.* tensors (tried prefixes {_PREFIXES})")
+        if not isinstance(config.vision_config, PixtralVisionConfig):
+            raise CheckpointError(f"{reader.model_dir}: vision_config is not a Pixtral tower's")
         tower = PixtralVisionModel(config.vision_config)
         projector = Mistral3MultiModalProjector(config)
         for module, name in ((tower, "vision_tower."), (projector, "multi_modal_projector.")):
@@ -124,7 +127,7 @@ class VisionEncoder:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tower.patch_conv.weight.dtype
+        return self.tower.get_parameter("patch_conv.weight").dtype
 
     def num_tokens(self, height: int, width: int) -> int:
         """Embedding rows of one preprocessed image of height x width pixels."""
