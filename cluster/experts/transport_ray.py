@@ -30,6 +30,14 @@ class _Pending:
     result: torch.Tensor | None = None
     error: BaseException | None = None
 
+    def outcome(self) -> torch.Tensor:
+        """This call's rows of its batch's result, or the batch's error."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise RuntimeError("a coalesced batch finished without this call's rows")
+        return self.result
+
 
 class Coalescer:
     """Calls for one layer that arrive while a batch for it is forming are computed together:
@@ -55,9 +63,7 @@ class Coalescer:
                 del self._forming[layer]
         if not leader:
             me.done.wait()
-            if me.error is not None:
-                raise me.error
-            return me.result
+            return me.outcome()
         try:
             out = self.shard.compute(layer, torch.cat([p.hidden for p in batch]), torch.cat([p.ids for p in batch]),
                                      torch.cat([p.weights for p in batch]))
@@ -73,7 +79,7 @@ class Coalescer:
             self.batches += 1
             for p in batch[1:]:
                 p.done.set()
-        return me.result
+        return me.outcome()
 
 
 class RayDispatcher(RemoteDispatcher):

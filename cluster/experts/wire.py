@@ -43,7 +43,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().data
 
 
 def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0,
