@@ -1,10 +1,11 @@
 """Splits a chat answer's tokens into reasoning (`[THINK]...[/THINK]`), content and tool calls
 (`[TOOL_CALLS]name[ARGS]{json}`), incrementally, for streamed and whole answers alike.
 
-The engine's cumulative `text` is the decoded answer with special tokens dropped, with stop strings
-cut and their possible prefixes held back while streaming. The parser decodes the same tokens the
-same way, so its characters line up with that text one to one; it releases no more characters than
-the engine's text shows, which keeps stop strings and held-back prefixes out of every channel.
+The stream's text (`cluster.engine.output_aggregator`) is the decoded answer with special tokens
+dropped, with stop strings cut and their possible prefixes held back while streaming. The parser
+decodes the same tokens the same way (its decoder's tail flushed at the end too), so its characters
+line up with that text one to one; it releases no more characters than that text has released,
+which keeps stop strings and held-back prefixes out of every channel.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class ChatParser:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     _mode: str = CONTENT
-    _consumed: int = 0
-    _visible: int = 0  # characters released so far
+    _allowed: int = 0  # characters the stream's text has released
+    _released: int = 0  # characters released here
     _pending: list[_Piece] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -76,12 +77,23 @@ class ChatParser:
         self._switch.pop(None, None)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def feed(self, token_ids: tuple[int, ...] | list[int], visible_chars: int) -> ChatDelta:
-        """`token_ids`: the cumulative answer; `visible_chars`: len of the engine's text for it."""
-        for tok in token_ids[self._consumed:]:
+    def feed(self, token_ids: tuple[int, ...] | list[int], new_chars: int, finished: bool = False) -> ChatDelta:
+        """`token_ids`: the answer's new tokens; `new_chars`: the length of the text delta that came
+        with them. The finishing call's delta also has the decoder's tail and the names of calls
+        cut before their [ARGS]."""
+        for tok in token_ids:
             self._token(int(tok))
-        self._consumed = len(token_ids)
-        return self._release(visible_chars)
+        self._allowed += new_chars
+        if not finished:
+            return self._release()
+        tail = self._utf8.decode(b"", final=True)
+        if tail:
+            self._pending.append(_Piece(self._mode, len(self.calls) - 1, tail))
+        delta = self._release()
+        late = tuple(ToolCallDelta(c.index, c.id, c.name.strip(), "") for c in self.calls if not c.started)
+        for c in self.calls:
+            c.started, c.name = True, c.name.strip()
+        return ChatDelta(delta.reasoning, delta.content, delta.tool_calls + late) if late else delta
 
     def prime(self, token_ids: list[int]) -> None:
         """Tokens the answer was made to start with (a forced tool call: `[TOOL_CALLS]name[ARGS]`),
@@ -99,14 +111,6 @@ class ChatParser:
                 raise ValueError(f"a forced prefix carries only a tool call's start, not {piece.kind} text")
         self._pending = kept
 
-    def finish(self, visible_chars: int) -> ChatDelta:
-        """The last delta; a call cut before its [ARGS] still reports its name."""
-        delta = self._release(visible_chars)
-        late = tuple(ToolCallDelta(c.index, c.id, c.name.strip(), "") for c in self.calls if not c.started)
-        for c in self.calls:
-            c.started, c.name = True, c.name.strip()
-        return ChatDelta(delta.reasoning, delta.content, delta.tool_calls + late) if late else delta
-
     def _token(self, tok: int) -> None:
         t = self.tokenizer
         if tok in self._switch:
@@ -122,8 +126,8 @@ class ChatParser:
             if text:
                 self._pending.append(_Piece(self._mode, len(self.calls) - 1, text))
 
-    def _release(self, visible_chars: int) -> ChatDelta:
-        budget = visible_chars - self._visible
+    def _release(self) -> ChatDelta:
+        budget = self._allowed - self._released
         reasoning, content, calls = [], [], []
         while self._pending:
             piece = self._pending[0]
@@ -137,7 +141,7 @@ class ChatParser:
                 break
             text = piece.text[:budget]
             budget -= len(text)
-            self._visible += len(text)
+            self._released += len(text)
             if len(text) == len(piece.text):
                 self._pending.pop(0)
             else:

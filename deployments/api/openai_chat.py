@@ -12,7 +12,7 @@ from cluster.model.tokenizer import Tokenizer
 from deployments.api.chat_parser import ChatDelta, ChatParser
 from deployments.api.openai_completions import Job
 from deployments.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
-from deployments.api.outputs import SSE_DONE, Progress, TokenText, chat_logprobs, sse, usage
+from deployments.api.outputs import SSE_DONE, TokenText, chat_logprobs, sse, usage
 from deployments.errors import APIError, BadRequest, to_api_error
 from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
@@ -71,17 +71,14 @@ class ChatJob(Job):
             parser.prime(forced or [])
 
     async def collect(self) -> dict[str, Any]:
-        last: dict[int, Any] = {}
         try:
-            async for i, out in merged(self.streams):
-                self.parsers[i].feed(out.token_ids, len(out.text))
-                last[i] = out
+            async for i, out in merged(self.streams):  # text deltas
+                self.parsers[i].feed(out.token_ids, len(out.text), out.finished)
         finally:
             self.cancel()
         choices = []
-        for i, parser in enumerate(self.parsers):
-            out = last[i]
-            parser.finish(len(out.text))
+        for i, (parser, stream) in enumerate(zip(self.parsers, self.streams, strict=True)):
+            out = stream.result()
             message: dict[str, Any] = {"role": "assistant",
                                        "content": parser.content or (None if parser.calls else ""),
                                        "reasoning_content": parser.reasoning or None}
@@ -95,37 +92,31 @@ class ChatJob(Job):
             if self.body.return_token_ids:
                 choice["prompt_token_ids"], choice["token_ids"] = self.prompt, list(out.token_ids)
             choices.append(choice)
-        completion = sum(len(out.token_ids) for out in last.values())
         return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(len(self.prompt), completion)}
+                "choices": choices, "usage": usage(len(self.prompt), self.completion_tokens())}
 
     async def events(self) -> AsyncIterator[str]:
-        progress = [Progress() for _ in self.streams]
         try:
             for i in range(len(self.streams)):
                 yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
-            async for i, out in merged(self.streams):
-                parser, p = self.parsers[i], progress[i]
-                delta = parser.feed(out.token_ids, len(out.text))
-                if out.finished:
-                    end = parser.finish(len(out.text))
-                    delta = ChatDelta(delta.reasoning + end.reasoning, delta.content + end.content,
-                                      delta.tool_calls + end.tool_calls)
-                _, ids, lps = p.step(out)
+            async for i, out in merged(self.streams):  # text deltas
+                parser = self.parsers[i]
+                delta = parser.feed(out.token_ids, len(out.text), out.finished)
+                lps = out.logprobs or ()
                 if delta or lps:
                     choice: dict[str, Any] = {"index": i, "delta": _delta_json(delta), "finish_reason": None,
                                               "logprobs": chat_logprobs(self.tokens, lps) if self.body.logprobs
                                               else None}
                     if self.body.return_token_ids:
-                        choice["token_ids"] = list(ids)
+                        choice["token_ids"] = list(out.token_ids)
                     yield sse(self._chunk([choice]))
                 if out.finished:
                     yield sse(self._chunk([{"index": i, "delta": {}, "logprobs": None,
                                             "finish_reason": parser.finish_reason(out.finish_reason),
                                             "stop_reason": out.stop_reason}]))
             if self.include_usage:
-                yield sse(self._chunk([], usage(len(self.prompt), sum(p.tokens for p in progress))))
+                yield sse(self._chunk([], usage(len(self.prompt), self.completion_tokens())))
         except APIError as exc:
             yield sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band

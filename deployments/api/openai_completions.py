@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.api.openai_protocol import CompletionRequest
-from deployments.api.outputs import SSE_DONE, Progress, TokenText, completion_logprobs, sse, usage
+from deployments.api.outputs import SSE_DONE, TokenText, completion_logprobs, sse, usage
 from deployments.errors import APIError, to_api_error
 from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
@@ -26,6 +26,10 @@ class Job:
         for s in self.streams:
             s.cancel()
 
+    def completion_tokens(self) -> int:
+        """Output tokens of every choice (once the streams finished)."""
+        return sum(len(s.result().token_ids) for s in self.streams)
+
 
 class CompletionJob(Job):
     def __init__(self, core: IngressCore, body: CompletionRequest, rid: str, streams: list[EngineStream],
@@ -37,15 +41,14 @@ class CompletionJob(Job):
         return self.prompts[index // self.body.n]
 
     async def collect(self) -> dict[str, Any]:
-        last: dict[int, Any] = {}
         try:
-            async for i, out in merged(self.streams):
-                last[i] = out
+            async for _ in merged(self.streams):
+                pass
         finally:
             self.cancel()
         choices = []
-        for i in range(len(self.streams)):
-            out = last[i]
+        for i, stream in enumerate(self.streams):
+            out = stream.result()
             choice: dict[str, Any] = {
                 "index": i, "text": out.text, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
                 "logprobs": completion_logprobs(self.tokens, out.logprobs, 0) if out.logprobs is not None else None}
@@ -53,31 +56,27 @@ class CompletionJob(Job):
                 choice["prompt_token_ids"] = self._prompt(i)
                 choice["token_ids"] = list(out.token_ids)
             choices.append(choice)
-        completion = sum(len(out.token_ids) for out in last.values())
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(sum(len(p) for p in self.prompts), completion)}
+                "choices": choices, "usage": usage(sum(len(p) for p in self.prompts), self.completion_tokens())}
 
     async def events(self) -> AsyncIterator[str]:
-        progress = [Progress() for _ in self.streams]
+        chars = [0] * len(self.streams)  # text sent per choice: the logprobs' text offsets
         try:
-            async for i, out in merged(self.streams):
-                p = progress[i]
-                first = p.tokens == 0
-                text, ids, lps = p.step(out)
+            async for i, out in merged(self.streams):  # text deltas
+                offset, chars[i] = chars[i], chars[i] + len(out.text)
                 choice: dict[str, Any] = {
-                    "index": i, "text": text,
-                    "logprobs": completion_logprobs(self.tokens, lps, p.chars - len(text))
+                    "index": i, "text": out.text,
+                    "logprobs": completion_logprobs(self.tokens, out.logprobs, offset)
                     if out.logprobs is not None else None,
                     "finish_reason": out.finish_reason if out.finished else None,
                     "stop_reason": out.stop_reason if out.finished else None}
                 if self.body.return_token_ids:
-                    choice["token_ids"] = list(ids)
-                    if first:
+                    choice["token_ids"] = list(out.token_ids)
+                    if out.prompt_token_ids is not None:  # the first delta
                         choice["prompt_token_ids"] = self._prompt(i)
                 yield sse(self._chunk([choice]))
             if self.include_usage:
-                done = sum(p.tokens for p in progress)
-                yield sse(self._chunk([], usage(sum(len(p) for p in self.prompts), done)))
+                yield sse(self._chunk([], usage(sum(len(p) for p in self.prompts), self.completion_tokens())))
         except APIError as exc:
             yield sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band

@@ -1,39 +1,18 @@
-"""Turning the engine's cumulative outputs into what clients are sent: per-choice deltas, usage,
-token strings and logprobs in the OpenAI shapes."""
+"""What clients are sent, made from the engine streams' text deltas: usage, token strings and
+logprobs in the OpenAI shapes, server-sent events."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from cluster.engine.sequence import RequestOutput, TokenLogprobs
+from cluster.engine.sequence import TokenLogprobs
 from cluster.model.tokenizer import Tokenizer
 
 
-@dataclass
-class Progress:
-    """What of one choice has been sent: text characters and tokens."""
-
-    chars: int = 0
-    tokens: int = 0
-    prompt_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    def step(self, out: RequestOutput) -> tuple[str, tuple[int, ...], tuple[TokenLogprobs, ...]]:
-        text = out.text[self.chars:]
-        ids = out.token_ids[self.tokens:]
-        logprobs = out.logprobs[self.tokens:] if out.logprobs is not None else ()
-        self.chars, self.tokens = len(out.text), len(out.token_ids)
-        self.prompt_tokens = len(out.prompt_token_ids)
-        if out.finished:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-        return text, ids, logprobs
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The OpenAI usage object (the gRPC `Usage` message has the same fields)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 

@@ -1,6 +1,10 @@
-"""The ingress side of the router hop: open a streaming call per engine request, see its first
+"""The ingress side of the engine hop: open a streaming call per engine request, see its first
 output (so refusals become 4xx before any response is started), and cancel it on every early exit,
-which aborts the request at the engine and frees its KV blocks."""
+which aborts the request at the engine and frees its KV blocks.
+
+The engine server sends what each engine step made (token ids, no text); the text is made here, once, by
+the request's `OutputAggregator`, which also finds stop strings: a stop string ends the stream here
+and cancels the engine call, so the engine aborts the request and frees its blocks."""
 
 from __future__ import annotations
 
@@ -8,16 +12,46 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.output_aggregator import OutputAggregator, OutputKind, RequestOutput
+from cluster.model.tokenizer import Tokenizer
 from deployments.errors import to_api_error
 from deployments.serving.request import GenerateRequest
 from deployments.telemetry.instrumentation import observe_stream
 
 
-class EngineStream:
-    def __init__(self, generator: object, retry_after_s: int, on_close: Callable[[], None] | None = None) -> None:
+class _TextDeltas:
+    """An engine call's outputs as text deltas (`OutputKind.DELTA`)."""
+
+    def __init__(self, generator: Any, outputs: OutputAggregator) -> None:
         self._gen = generator  # a Serve DeploymentResponseGenerator
+        self._outputs = outputs
+
+    def __aiter__(self) -> _TextDeltas:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while not self._outputs.finished:
+            out = self._outputs.add(await self._gen.__anext__())
+            if self._outputs.must_abort:  # a stop string: the engine still runs the request
+                self.cancel()
+            if out is not None:
+                return out
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            self._gen.cancel()
+
+
+class EngineStream:
+    """One engine request's text deltas; `result()` is the whole answer once it finished."""
+
+    def __init__(self, generator: Any, outputs: OutputAggregator, retry_after_s: int,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._gen = generator  # the request's _TextDeltas, observed by its metrics tracker
+        self._outputs = outputs
         self._first: RequestOutput | None = None
         self._retry_after_s = retry_after_s
         self._on_close = on_close  # runs once, when the stream finishes or is cancelled
@@ -62,8 +96,12 @@ class EngineStream:
             if not self._done:
                 self.cancel()
 
+    def result(self) -> RequestOutput:
+        """Everything so far: the whole answer once the stream finished."""
+        return self._outputs.cumulative()
+
     def cancel(self) -> None:
-        """Idempotent, and a no-op once the stream finished; Serve forwards it to the router
+        """Idempotent, and a no-op once the stream finished; Serve forwards it to the engine
         replica, whose generator then aborts the request."""
         if self._done:
             return
@@ -73,8 +111,9 @@ class EngineStream:
 
 
 class EngineClient:
-    def __init__(self, router: object, retry_after_s: int) -> None:
-        self._router = router  # DeploymentHandle of the Router deployment
+    def __init__(self, engine: Any, tokenizer: Tokenizer, retry_after_s: int) -> None:
+        self._engine = engine  # DeploymentHandle of the EngineServer deployment
+        self._tokenizer = tokenizer
         self._retry_after_s = retry_after_s
 
     async def open(self, requests: Sequence[GenerateRequest],
@@ -82,9 +121,7 @@ class EngineClient:
         """Starts every request, waits for each one's first output; on any failure cancels all.
         `on_close[i]` runs once when stream i finishes or is cancelled."""
         closers = list(on_close) if on_close is not None else [None] * len(requests)
-        streams = [EngineStream(observe_stream(self._router.options(stream=True).generate.remote(r)),  # metrics
-                                self._retry_after_s, c)
-                   for r, c in zip(requests, closers, strict=True)]
+        streams = [self._stream(r, c) for r, c in zip(requests, closers, strict=True)]
         try:
             await asyncio.gather(*(s.prime() for s in streams))
         except BaseException:
@@ -93,8 +130,13 @@ class EngineClient:
             raise
         return streams
 
+    def _stream(self, request: GenerateRequest, on_close: Callable[[], None] | None) -> EngineStream:
+        outputs = OutputAggregator(request.request_id, request.params, self._tokenizer, OutputKind.DELTA)
+        deltas = _TextDeltas(self._engine.options(stream=True).generate.remote(request), outputs)
+        return EngineStream(observe_stream(deltas), outputs, self._retry_after_s, on_close)  # metrics
+
     async def call(self, method: str, timeout_s: float) -> object:
-        return await asyncio.wait_for(getattr(self._router, method).remote(), timeout_s)
+        return await asyncio.wait_for(getattr(self._engine, method).remote(), timeout_s)
 
 
 def new_request_id(prefix: str) -> str:

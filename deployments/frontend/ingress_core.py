@@ -32,7 +32,7 @@ class IngressCore:
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
-        self.engine = EngineClient(router, config.retry_after_s)
+        self.engine = EngineClient(router, self.tokenizer, config.retry_after_s)
         self.admission = Admission(config.max_ongoing_requests, config.retry_after_s)
         self.prompt_budget = TokenBudget(config.prompt_token_budget, config.retry_after_s)
         self.images = ImagePipeline(config.images, _vision_metrics())

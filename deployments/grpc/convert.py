@@ -14,7 +14,7 @@ from deployments.api.chat_parser import ChatDelta
 from deployments.api.openai_chat import ChatJob
 from deployments.api.openai_completions import CompletionJob
 from deployments.api.openai_protocol import ChatCompletionRequest, CompletionRequest, validation_error
-from deployments.api.outputs import Progress
+from deployments.api.outputs import usage
 from deployments.errors import BadRequest
 from deployments.frontend.engine_client import merged
 from deployments.protos import moe_cluster_pb2 as pb
@@ -75,10 +75,6 @@ def _validate(model: type, data: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-def usage(prompt: int, completion: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
 def _logprobs(lps: tuple) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps]
@@ -90,60 +86,57 @@ def _tool_calls(delta: ChatDelta) -> list[pb.ToolCall]:
 
 
 async def generate_whole(job: CompletionJob) -> pb.GenerateResponse:
-    parts = [m async for m in generate_deltas(job)]
-    last = parts[-1]
+    last = pb.GenerateResponse()
+    async for last in generate_deltas(job):  # noqa: B007 - the finishing message has the reasons and usage
+        pass
+    out = job.streams[0].result()
     return pb.GenerateResponse(
-        id=job.rid, text="".join(m.text for m in parts), token_ids=[t for m in parts for t in m.token_ids],
-        prompt_token_ids=parts[0].prompt_token_ids, finish_reason=last.finish_reason, stop_reason=last.stop_reason,
-        usage=last.usage, logprobs=[lp for m in parts for lp in m.logprobs])
+        id=job.rid, text=out.text, token_ids=out.token_ids, prompt_token_ids=out.prompt_token_ids or (),
+        finish_reason=last.finish_reason, stop_reason=last.stop_reason, usage=last.usage,
+        logprobs=_logprobs(out.logprobs or ()))
 
 
 async def chat_whole(job: ChatJob) -> pb.ChatResponse:
-    parts = [m async for m in chat_deltas(job)]
-    calls: dict[int, pb.ToolCall] = {}
-    for m in parts:
-        for c in m.tool_calls:
-            call = calls.setdefault(c.index, pb.ToolCall(index=c.index, id=c.id, name=c.name))
-            call.arguments += c.arguments
-    return pb.ChatResponse(id=job.rid, content="".join(m.content for m in parts),
-                           reasoning_content="".join(m.reasoning_content for m in parts),
-                           tool_calls=[calls[i] for i in sorted(calls)], finish_reason=parts[-1].finish_reason,
-                           usage=parts[-1].usage)
+    last = pb.ChatResponse()
+    async for last in chat_deltas(job):  # noqa: B007 - the finishing message has the reason and usage
+        pass
+    parser = job.parsers[0]  # it holds the whole answer
+    return pb.ChatResponse(id=job.rid, content=parser.content, reasoning_content=parser.reasoning,
+                           tool_calls=[pb.ToolCall(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+                                       for c in parser.calls], finish_reason=last.finish_reason, usage=last.usage)
+
+
+def _usage(job: CompletionJob | ChatJob) -> pb.Usage:
+    whole = job.streams[0].result()  # one stream: in step with the deltas read so far
+    return pb.Usage(**usage(len(whole.prompt_token_ids or ()), len(whole.token_ids)))
 
 
 async def generate_deltas(job: CompletionJob) -> AsyncIterator[pb.GenerateResponse]:
-    p = Progress()
     try:
-        async for _, out in merged(job.streams):
-            first = p.tokens == 0
-            text, ids, lps = p.step(out)
-            message = pb.GenerateResponse(id=job.rid, text=text, token_ids=ids, logprobs=_logprobs(lps))
-            if first:
+        async for _, out in merged(job.streams):  # text deltas
+            message = pb.GenerateResponse(id=job.rid, text=out.text, token_ids=out.token_ids,
+                                          logprobs=_logprobs(out.logprobs or ()))
+            if out.prompt_token_ids is not None:  # the first delta
                 message.prompt_token_ids.extend(out.prompt_token_ids)
             if out.finished:
                 message.finish_reason = out.finish_reason or ""
                 message.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
-                message.usage.CopyFrom(usage(p.prompt_tokens, p.tokens))
+                message.usage.CopyFrom(_usage(job))
             yield message
     finally:
         job.cancel()
 
 
 async def chat_deltas(job: ChatJob) -> AsyncIterator[pb.ChatResponse]:
-    parser, p = job.parsers[0], Progress()
+    parser = job.parsers[0]
     try:
-        async for _, out in merged(job.streams):
-            delta = parser.feed(out.token_ids, len(out.text))
-            if out.finished:
-                end = parser.finish(len(out.text))
-                delta = ChatDelta(delta.reasoning + end.reasoning, delta.content + end.content,
-                                  delta.tool_calls + end.tool_calls)
-            p.step(out)
+        async for _, out in merged(job.streams):  # text deltas
+            delta = parser.feed(out.token_ids, len(out.text), out.finished)
             message = pb.ChatResponse(id=job.rid, content=delta.content, reasoning_content=delta.reasoning,
                                       tool_calls=_tool_calls(delta))
             if out.finished:
                 message.finish_reason = parser.finish_reason(out.finish_reason) or ""
-                message.usage.CopyFrom(usage(p.prompt_tokens, p.tokens))
+                message.usage.CopyFrom(_usage(job))
                 yield message
             elif delta:
                 yield message

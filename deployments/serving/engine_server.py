@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.engine.async_engine import AsyncEngine, EngineDeadError
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.sequence import EngineOutput
 from cluster.engine.stats import EngineStats
 from cluster.errors import RequestError
 from deployments.config import AppConfig, resolve_model_dir, served_name
@@ -38,14 +38,15 @@ class Router:
         logger.info("router ready: %s (%s), max_model_len %d, %d KV blocks", self._info.name, model_dir,
                     engine.max_model_len, engine.blocks.num_blocks)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request; cancelling the caller's stream aborts it here and frees
-        its KV blocks (AsyncEngine.generate aborts when left early)."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        """What each engine step made of one request (new token ids, no text: the ingress makes the
+        text and finds stop strings); cancelling the caller's stream aborts it here and frees its KV
+        blocks (AsyncEngine.stream aborts when left early)."""
         self._requests += 1
         try:
             # Image embeddings come ready from the VisionEncoder deployment (via the ingress).
-            async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids),
-                                                  request.params, request.images):
+            async for out in self.engine.stream(request.request_id, list(request.prompt_token_ids),
+                                                request.params, request.images):
                 yield out
         except RequestError as exc:
             raise request_error(exc) from None

@@ -161,7 +161,8 @@ class RequestTracker:
         self._clock = clock
         self.deadline_at = deadline_at  # on `clock`
         self.tool_calls_id = tool_calls_id
-        self._tokens: list[int] = []
+        self._tokens: list[int] = []  # per stream
+        self._called: set[int] = set()  # streams whose answer has the tool-calls token
         self._open = 0
         self._reasons: list[str] = []
         self._ended_at: float | None = None
@@ -202,14 +203,16 @@ class RequestTracker:
         with _quiet("request output"), self._lock:
             if self.request.finished is not None:
                 return
-            count = len(out.token_ids)
-            new, self._tokens[index] = count - self._tokens[index], count
+            new = len(out.token_ids)  # a delta: the tokens new in this output
+            self._tokens[index] += new
             if new > 0:
                 self.request.on_token(new)
+            if self.tool_calls_id is not None and self.tool_calls_id in out.token_ids:
+                self._called.add(index)
             if out.finished:
                 self._open -= 1
                 reason = out.finish_reason or "stop"
-                if reason == "stop" and self.tool_calls_id is not None and self.tool_calls_id in out.token_ids:
+                if reason == "stop" and index in self._called:
                     reason = "tool_calls"
                 self._reasons.append(reason)
                 if self._open == 0:

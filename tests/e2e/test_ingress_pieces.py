@@ -1,5 +1,5 @@
 """Pieces of the ingress checked without Ray: readiness and UNAVAILABLE while no router answers,
-the chat output parser against the engine's stop-string-safe text."""
+the chat output parser against the stream's stop-string-safe text."""
 
 from __future__ import annotations
 
@@ -91,14 +91,15 @@ def test_chat_parser_never_shows_more_than_the_engine_text(tiny_ckpt):
     ids = [t.think_id, *t.encode_text("Plan it", bos=False), t.end_think_id,
            *t.encode_text("Done. STOP here", bos=False)]
     full = t.decode(ids)
-    cut = full.index(" STOP")  # the engine cut the text at the stop string " STOP"
+    cut = full.index(" STOP")  # the stream's text was cut at the stop string " STOP"
     parser = ChatParser(t)
-    shown = ""
+    shown, released = "", 0
     for n in range(1, len(ids) + 1):
         visible = min(len(t.decode(ids[:n])), cut - 4)  # and held back a possible prefix while streaming
-        d = parser.feed(ids[:n], visible)
+        d = parser.feed(ids[n - 1:n], visible - released)
+        released = visible
         shown += d.reasoning + d.content
-    d = parser.finish(cut)
+    d = parser.feed([], cut - released, finished=True)
     shown += d.reasoning + d.content
     assert (parser.reasoning, parser.content) == ("Plan it", "Done.")
     assert shown == full[:cut]
@@ -112,8 +113,7 @@ def test_chat_parser_takes_a_forced_call_prefix(tiny_ckpt):
     args = t.encode_text('{"city": "Paris"}', bos=False)  # what the model generates after the prefix
     first = parser.feed(args[:1], len(t.decode(args[:1])))
     assert first.tool_calls[0].id and first.tool_calls[0].name == "get_weather"  # the call starts at once
-    parser.feed(args, len(t.decode(args)))
-    parser.finish(len(t.decode(args)))
+    parser.feed(args[1:], len(t.decode(args)) - len(t.decode(args[:1])), finished=True)
     assert parser.calls[0].arguments == '{"city": "Paris"}' and parser.content == ""
     assert parser.finish_reason("stop") == "tool_calls"
     with pytest.raises(ValueError, match="content"):

@@ -15,7 +15,7 @@ import yaml
 from fastapi import FastAPI, HTTPException
 from starlette.testclient import TestClient
 
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.output_aggregator import RequestOutput
 from cluster.engine.stats import EngineStats, KVLoad
 from deployments.config import AppConfig, ConfigError, parse_config
 from deployments.errors import BadRequest, Unavailable
@@ -62,8 +62,9 @@ def fake() -> tuple[Fake, MetricSet]:
 
 def out(tokens: int, finished: bool = False, reason: str | None = None, ids: tuple[int, ...] | None = None
         ) -> RequestOutput:
+    """A delta output with `tokens` new tokens (what the ingress's engine streams yield)."""
     token_ids = ids if ids is not None else tuple(range(tokens))
-    return RequestOutput("r", (1,), token_ids, (), "", finished, reason if finished else None)
+    return RequestOutput("r", None, token_ids, "", finished, reason if finished else None)
 
 
 class Clock:
@@ -88,10 +89,10 @@ def test_tracker_records_latencies_and_the_finish_reason_once_every_stream_ends(
     clock.now = 100.7
     t.output(1, out(2))
     clock.now = 101.0
-    t.output(0, out(3, True, "length"))
+    t.output(0, out(2, True, "length"))
     assert f.total("requests_finished_total", reason="length") == 0  # stream 1 still runs
     clock.now = 101.5
-    t.output(1, out(2, True, "stop"))
+    t.output(1, out(0, True, "stop"))
     clock.now = 109.0
     assert t.close(None, 200) == "stop"
     assert f.observed("time_to_first_token_seconds") == [pytest.approx(0.5)]
@@ -105,7 +106,8 @@ def test_tracker_counts_chat_tool_calls(fake):
     f, ms = fake
     t = inst.RequestTracker(tool_calls_id=9, metrics=ms)
     t.wrap(object())
-    t.output(0, out(3, True, "stop", ids=(9, 5, 6)))
+    t.output(0, out(1, ids=(9,)))
+    t.output(0, out(2, True, "stop", ids=(5, 6)))  # the tool-calls token came in an earlier delta
     assert t.close() == "tool_calls"
 
 
