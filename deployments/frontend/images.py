@@ -244,7 +244,7 @@ class ImageFetcher:
                 found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError) as exc:
                 raise BadRequest(f"{param}: cannot resolve image URL host {host!r}: {exc}", param) from None
-            infos = list(dict.fromkeys((family, sockaddr[0].split("%")[0]) for family, _, _, _, sockaddr in found))
+            infos = list(dict.fromkeys((family, str(sockaddr[0]).split("%")[0]) for family, _, _, _, sockaddr in found))
         if not infos:
             raise BadRequest(f"{param}: image URL host {host!r} has no address", param)
         for _, addr in infos:  # every address: a name with one bad answer is refused as a whole
@@ -268,8 +268,10 @@ class ImageFetcher:
         cap = self.settings.max_image_bytes
         for hop in range(self.settings.max_redirects + 1):
             answers = {host: await self._resolve(host, port, param)}
-            connector = aiohttp.TCPConnector(resolver=_PinnedResolver(answers), use_dns_cache=False,  # type: ignore[arg-type]
-                                             force_close=True)
+            # _PinnedResolver is an AbstractResolver by its methods only, so aiohttp loads just when a URL is fetched
+            resolver = _PinnedResolver(answers)
+            connector = aiohttp.TCPConnector(resolver=resolver,  # type: ignore[arg-type]  # duck-typed, as above
+                                             use_dns_cache=False, force_close=True)
             async with aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False) as session:
                 try:
                     async with session.get(url, allow_redirects=False, headers={
