@@ -171,9 +171,10 @@ class LLM:
         return self._run(self._requests(prompts, sampling_params), output_kind)
 
     def _run(self, requests: list[EngineRequest], kind: OutputKind) -> Iterator[RequestOutput]:
-        if self.group is not None:
-            return iter(self.group.generate(requests))
-        return run_requests(self.engine, requests, kind)
+        if self.engine is not None:
+            return run_requests(self.engine, requests, kind)
+        assert self.group is not None  # one or the other, from __init__
+        return iter(self.group.generate(requests))
 
     def _requests(self, prompts: Prompt | Sequence[Prompt],
                   sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[EngineRequest]:
@@ -196,5 +197,5 @@ class LLM:
 
 
 def _completion(out: RequestOutput) -> CompletionOutput:
-    return CompletionOutput(out.request_id, out.prompt_token_ids, out.token_ids, out.text, out.finish_reason,
+    return CompletionOutput(out.request_id, out.prompt_token_ids or (), out.token_ids, out.text, out.finish_reason,
                             out.stop_reason, out.logprobs)

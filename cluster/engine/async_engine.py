@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from cluster.engine.llm_engine import LLMEngine
@@ -67,7 +67,7 @@ class AsyncEngine:
                     return  # closing `deltas` aborts a request that a stop string ended here
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     images: ImageRows | None = None) -> AsyncIterator[EngineOutput]:
+                     images: ImageRows | None = None) -> AsyncGenerator[EngineOutput, None]:
         """Yields what each step made of the request: new token ids (no text), the prompt ids on
         the first output. Bad input raises the engine's RequestError before any output; leaving
         the loop before the finished output (or being cancelled) aborts the request and frees its

@@ -87,8 +87,8 @@ class ChatJob(Job):
             choice: dict[str, Any] = {"index": i, "message": message,
                                       "finish_reason": parser.finish_reason(out.finish_reason),
                                       "stop_reason": out.stop_reason,
-                                      "logprobs": chat_logprobs(self.tokens, out.logprobs) if self.body.logprobs
-                                      else None}
+                                      "logprobs": chat_logprobs(self.tokens, out.logprobs or ())
+                                      if self.body.logprobs else None}
             if self.body.return_token_ids:
                 choice["prompt_token_ids"], choice["token_ids"] = self.prompt, list(out.token_ids)
             choices.append(choice)
