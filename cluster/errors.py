@@ -13,6 +13,18 @@ class UnsupportedCheckpointError(CheckpointError):
     """A well-formed checkpoint this engine does not run yet (FP8, unknown model type)."""
 
 
+class CheckpointFileError(CheckpointError):
+    """A file of the model directory is missing, truncated or not what its name says."""
+
+
+class TensorMismatchError(CheckpointError):
+    """A tensor the engine reads is missing, or its shape or dtype is not what config.json implies."""
+
+
+class TokenizerMismatchError(CheckpointError):
+    """tekken.json is missing, or its image section does not match the vision tower."""
+
+
 class ConfigError(ClusterError):
     """An invalid configuration value; the message names the field."""
 

@@ -18,8 +18,8 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
 from cluster.errors import ConfigError, RequestError
-from cluster.model.config import load_model_config
 from cluster.model.image_rows import ImageRows
+from cluster.model.preflight import check_model_dir
 from cluster.model.tokenizer import Tokenizer
 from cluster.model.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
 
@@ -59,7 +59,8 @@ class LLM:
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len)
         self.model_dir = Path(model)
-        self.model_config = load_model_config(self.model_dir)
+        # Checks before start: config, tensor headers and tokenizer, before a weight byte is read.
+        self.model_config = check_model_dir(self.model_dir).config
         self.engine: LLMEngine | None = None
         self.group: ExpertGroup | None = None
         if transport == "local":

@@ -10,19 +10,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, gRPCOptions
 
-from deployments.config import AppConfig, api_keys_from_env, parse_config
+from deployments.config import GRPC_SERVICER_FUNCTIONS, AppConfig, api_keys_from_env, parse_config
 from deployments.ingress import Ingress
 from deployments.serving.engine_server import Router
 from deployments.serving.request_router import router_deployment_options
 from deployments.serving.vision_deployment import vision_deployment
 from deployments.telemetry.autoscaling import replica_options
-
-GRPC_SERVICER_FUNCTIONS = [
-    "deployments.protos.moe_cluster_pb2_grpc.add_MoeClusterServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-    # Not a service: fixes cancellation of streaming calls in Serve's proxy (see the module).
-    "deployments.grpc.proxy_fix.add_stream_cancellation_to_server",
-]
 
 
 def build_app(config: AppConfig) -> Application:

@@ -1,4 +1,4 @@
-"""`moe-cluster`: make checkpoints, generate offline, serve."""
+"""`moe-cluster`: make checkpoints, generate offline, serve, check a model directory, plan memory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ def _ids(text: str) -> list[int]:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--script takes token ids separated by commas or spaces: {exc}") from exc
+
+
+def _block(text: str) -> tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--fp8-block takes two positive integers 'rows,cols', got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="fused experts.gate_up_proj (as transformers saves) or one tensor per expert "
                          "(as published MoE checkpoints)")
     mk.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors files")
+    mk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the weights")
+    mk.add_argument("--fp8", choices=["block", "static"], default=None,
+                    help="write the linear layers in FP8 as transformers' quant_method 'fp8' does: 'block' "
+                         "(scale grids of --fp8-block, dynamic activations) or 'static' (one scale per tensor, "
+                         "static activation scales); vision tower, projector and lm_head stay unquantized")
+    mk.add_argument("--fp8-block", type=_block, default=(128, 128), help="block of --fp8 block (default 128,128)")
 
     gen = sub.add_parser("generate", help="print a completion of a prompt",
                          description="Runs the engine in this process and prints the completion.")
@@ -50,9 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--token-ids", action="store_true", help="also print the generated token ids")
 
-    from deployments import serve_command
+    from deployments import check_command, plan_command, serve_command
 
     serve_command.add_parser(sub)
+    check_command.add_parser(sub)
+    plan_command.add_parser(sub)
     return p
 
 
@@ -63,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cluster.testing.checkpoint_writer import make_checkpoint
 
             out = make_checkpoint(args.out, args.preset, seed=args.seed, script=args.script,
-                                  expert_layout=args.expert_layout, num_files=args.num_files)
+                                  expert_layout=args.expert_layout, num_files=args.num_files, dtype=args.dtype,
+                                  fp8=args.fp8, fp8_block=args.fp8_block)
             print(f"wrote {args.preset} checkpoint to {out}")
             return 0
         if args.command == "generate":
@@ -71,17 +87,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                     top_k=args.top_k, seed=args.seed)
-            out = LLM(args.model).generate(args.prompt, params, use_tqdm=False)[0]
-            print(out.text)
+            completion = LLM(args.model).generate(args.prompt, params, use_tqdm=False)[0]
+            print(completion.text)
             if args.token_ids:
-                print(f"token ids: {list(out.token_ids)} (finish: {out.finish_reason})")
+                print(f"token ids: {list(completion.token_ids)} (finish: {completion.finish_reason})")
             return 0
         if args.command == "serve":
             from deployments import serve_command
 
             return serve_command.run(args)
+        if args.command == "check":
+            from deployments import check_command
+
+            return check_command.run(args)
+        if args.command == "plan":
+            from deployments import plan_command
+
+            return plan_command.run(args)
     except ClusterError as exc:
-        print(f"moe-cluster: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"moe-cluster: error: {message}", file=sys.stderr)
         return 2
     return 1
 

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from cluster.engine.engine_config import EngineConfig
 
 
+# The gRPC proxy's servicers (Serve's `grpc_options`), for `moe-cluster serve` and written Serve configs.
+GRPC_SERVICER_FUNCTIONS = [
+    "deployments.protos.moe_cluster_pb2_grpc.add_MoeClusterServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    # Not a service: fixes cancellation of streaming calls in Serve's proxy (see the module).
+    "deployments.grpc.proxy_fix.add_stream_cancellation_to_server",
+]
+
+
 class EngineSettings(BaseModel):
     """The router's engine limits (see cluster.engine.engine_config.EngineConfig)."""
 
@@ -139,9 +148,22 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> AppConfig:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
-        data = dict(loaded or {})
+        data = _app_args(path, loaded) if loaded and "applications" in loaded else dict(loaded or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data)
+
+
+def _app_args(path: str | Path, serve_config: dict[str, Any]) -> dict[str, Any]:
+    """A Serve config file (deployments/serve_config.yaml, `moe-cluster plan --write-config`): the
+    args of its one application."""
+    apps = serve_config["applications"]
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        raise ConfigError(f"config file {path} is a Serve config; `moe-cluster serve` takes one with exactly one "
+                          "application")
+    args = apps[0].get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"config file {path}: applications[0].args must be a mapping of AppConfig fields")
+    return dict(args)
 
 
 def parse_config(data: dict[str, Any]) -> AppConfig:

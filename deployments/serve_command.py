@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from deployments.config import API_KEYS_ENV, AppConfig, api_keys_from_env, load_config
+from deployments.config import API_KEYS_ENV, AppConfig, api_keys_from_env, load_config, resolve_model_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +48,13 @@ def _interrupt(signum: int, _: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deployments import launch
+    from cluster.model.preflight import check_model_dir
 
     config = config_from_args(args)
+    # Checks before start: a bad model directory is named in one line before Ray is even imported.
+    check_model_dir(resolve_model_dir(config.model))
+    from deployments import launch
+
     launch.check_ports_free(config.host, {"HTTP": config.http_port, "gRPC": config.grpc_port})
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     started = False
