@@ -112,13 +112,14 @@ def transport_factory(name: str) -> DispatcherFactory:
     return _REGISTRY[name]
 
 
-def load_local_dispatcher(source: CheckpointReader | str | Path, num_shards: int = 1) -> LocalDispatcher:
+def load_local_dispatcher(source: CheckpointReader | str | Path, num_shards: int = 1,
+                          cache_bytes: int = 0) -> LocalDispatcher:
     """Every routed expert in this process (from a model directory or an open reader), over
-    `num_shards` contiguous in-process shards."""
+    `num_shards` contiguous in-process shards (`cache_bytes`: see `ExpertShard`)."""
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source, load_model_config(source))
     text = reader.config.text
     placement = ExpertPlacement.of_model(text, num_shards)
-    return LocalDispatcher(placement, [ExpertShard(reader, placement, r) for r in range(num_shards)])
+    return LocalDispatcher(placement, [ExpertShard(reader, placement, r, cache_bytes) for r in range(num_shards)])
 
 
 register_transport("local", load_local_dispatcher)

@@ -36,15 +36,19 @@ def split_by_rank(placement: ExpertPlacement, layer: int, topk_ids: torch.Tensor
 
 
 class ExpertShard:
-    def __init__(self, reader: CheckpointReader, placement: ExpertPlacement, rank: int) -> None:
+    """`cache_bytes` caps each layer's cache of dequantized experts (FP8 checkpoints; 0: none)."""
+
+    def __init__(self, reader: CheckpointReader, placement: ExpertPlacement, rank: int, cache_bytes: int = 0) -> None:
         text = reader.config.text
         self.rank = rank
+        self.dtype = reader.compute_dtype  # hidden states arrive and leave in it
         self.experts: dict[int, RoutedExperts] = {}
         for layer in text.moe_layers:
             ids = placement.experts_of(rank, layer)
             if ids:
                 gate_up, down = reader.read_experts(layer, ids)
-                self.experts[layer] = RoutedExperts(text.n_routed_experts, ids, gate_up, down)
+                self.experts[layer] = RoutedExperts(text.n_routed_experts, ids, gate_up, down,
+                                                    reader.compute_dtype, cache_bytes)
         self.num_experts = text.n_routed_experts
         self.reads = list(reader.reads)
 
@@ -60,6 +64,10 @@ class ExpertShard:
         return {layer: e.token_counts.clone() for layer, e in self.experts.items()}
 
     def held(self) -> dict[str, int]:
-        """Parameter name -> element count, for memory assertions."""
-        return {f"layers.{layer}.experts[{','.join(map(str, e.expert_ids))}].{n}": p.numel()
-                for layer, e in self.experts.items() for n, p in e.named_parameters()}
+        """Weight name -> element count (scales not counted), for memory assertions."""
+        return {f"layers.{layer}.experts[{','.join(map(str, e.expert_ids))}].{n}": count
+                for layer, e in self.experts.items() for n, count in e.held().items()}
+
+    def resident_bytes(self) -> int:
+        """Bytes of routed-expert state this shard keeps: weights, scales and dequantized caches."""
+        return sum(e.resident_bytes() for e in self.experts.values())

@@ -167,7 +167,6 @@ def run_shard(shard: ExpertShard, rank: int, world: int, hidden_size: int, top_k
         packed = torch.empty(n, width)
         _all_to_all(packed, torch.empty(0, width), recv_splits, [0] * world)
         hidden, ids, weights = packed.split([hidden_size, top_k, top_k], dim=1)
-        dtype = next(iter(shard.experts.values())).gate_up_proj.dtype if shard.experts else torch.float32
-        partial = shard.compute(layer, hidden.to(dtype).contiguous(), ids.long(), weights.contiguous())
+        partial = shard.compute(layer, hidden.to(shard.dtype).contiguous(), ids.long(), weights.contiguous())
         _all_to_all(torch.empty(0, hidden_size), partial.float().contiguous(), [0] * world, recv_splits)
         served += 1

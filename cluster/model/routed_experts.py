@@ -1,12 +1,57 @@
-"""Routed experts of one MoE layer, any subset of them, computed as grouped matrix products."""
+"""Routed experts of one MoE layer, any subset of them, computed per expert.
+
+Unquantized experts are held as they were read. FP8 experts stay fp8 with their scales
+(`Fp8Experts`) and each expert is dequantized into the compute dtype when a step routes tokens
+to it; a cache of dequantized experts, bounded by `cache_bytes` (0: none), keeps the most recently
+used ones so hot experts are not dequantized every step.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cluster.model.fp8 import ExpertMatrices, Fp8Experts
+
+
+class DequantizedCache:
+    """Least recently used dequantized experts (gate_up [2I, H], down [H, I]) under a byte cap."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        if cap_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cap_bytes}")
+        self.cap_bytes = cap_bytes
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self._entries.get(expert)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(expert)
+        return entry
+
+    def put(self, expert: int, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = sum(t.nbytes for t in entry)
+        if size > self.cap_bytes:
+            return
+        while self.nbytes + size > self.cap_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= sum(t.nbytes for t in evicted)
+        self._entries[expert] = entry
+        self.nbytes += size
+
+    def check_integrity(self) -> None:
+        held = sum(t.nbytes for entry in self._entries.values() for t in entry)
+        if held != self.nbytes or self.nbytes > self.cap_bytes:
+            raise RuntimeError(f"dequantized cache holds {held} bytes, counts {self.nbytes}, cap {self.cap_bytes}")
 
 
 class RoutedExperts(nn.Module):
@@ -16,18 +61,53 @@ class RoutedExperts(nn.Module):
     global_to_local: torch.Tensor  # [num_experts] local index of a global expert id, -1 if not held
     token_counts: torch.Tensor  # [num_experts] (token, expert) pairs computed since the last reset
 
-    def __init__(self, num_experts: int, expert_ids: Sequence[int], gate_up: torch.Tensor,
-                 down: torch.Tensor) -> None:
+    def __init__(self, num_experts: int, expert_ids: Sequence[int], gate_up: ExpertMatrices,
+                 down: ExpertMatrices, compute_dtype: torch.dtype | None = None, cache_bytes: int = 0) -> None:
         super().__init__()
-        if gate_up.shape[0] != len(expert_ids) or down.shape[0] != len(expert_ids):
-            raise ValueError(f"{len(expert_ids)} expert ids but tensors for {gate_up.shape[0]}/{down.shape[0]}")
+        sizes = (_count(gate_up), _count(down))
+        if sizes != (len(expert_ids), len(expert_ids)):
+            raise ValueError(f"{len(expert_ids)} expert ids but tensors for {sizes[0]}/{sizes[1]}")
+        if isinstance(gate_up, Fp8Experts) != isinstance(down, Fp8Experts):
+            raise ValueError("gate_up and down must both be fp8 or both unquantized")
         self.expert_ids = tuple(int(e) for e in expert_ids)
-        self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [E, 2I, H]
-        self.down_proj = nn.Parameter(down, requires_grad=False)  # [E, H, I]
+        self.fp8: tuple[Fp8Experts, Fp8Experts] | None = None
+        if isinstance(gate_up, Fp8Experts) and isinstance(down, Fp8Experts):
+            self.fp8 = (gate_up, down)
+            if compute_dtype is None:
+                raise ValueError("fp8 experts need the compute dtype to dequantize into")
+            self.dtype = compute_dtype
+        elif isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+            self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [E, 2I, H]
+            self.down_proj = nn.Parameter(down, requires_grad=False)  # [E, H, I]
+            self.dtype = gate_up.dtype
+        self.cache = DequantizedCache(cache_bytes)
         local = torch.full((num_experts,), -1, dtype=torch.long)
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
         self.register_buffer("global_to_local", local, persistent=False)
         self.register_buffer("token_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def weights(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of local expert `local` in the compute dtype."""
+        if self.fp8 is None:
+            return self.gate_up_proj[local], self.down_proj[local]
+        cached = self.cache.get(local)
+        if cached is not None:
+            return cached
+        gate_up, down = (m.dequantize(local, self.dtype) for m in self.fp8)
+        self.cache.put(local, (gate_up, down))
+        return gate_up, down
+
+    def held(self) -> dict[str, int]:
+        """Weight elements held per projection (scales not counted), for memory assertions."""
+        if self.fp8 is None:
+            return {n: p.numel() for n, p in self.named_parameters()}
+        return {"gate_up_proj": self.fp8[0].weight.numel(), "down_proj": self.fp8[1].weight.numel()}
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer's experts keep in memory: weights, scales and the dequantized cache."""
+        if self.fp8 is None:
+            return sum(p.nbytes for p in self.parameters())
+        return sum(m.nbytes for m in self.fp8) + self.cache.nbytes
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H]."""
@@ -48,8 +128,9 @@ class RoutedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = F.linear(x_sorted[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I]
-            y_sorted[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
+            w_gate_up, w_down = self.weights(e)
+            gate, up = F.linear(x_sorted[start:start + n], w_gate_up).chunk(2, dim=-1)  # [n, I]
+            y_sorted[start:start + n] = F.linear(F.silu(gate) * up, w_down)  # [n, H]
             start += n
         y_sorted *= topk_weights.reshape(-1)[pairs, None].to(y_sorted.dtype)
         # Scatter back per (token, k) pair, then sum over k: one reduction instead of an
@@ -57,3 +138,7 @@ class RoutedExperts(nn.Module):
         per_pair = hidden.new_zeros(t * k, hidden.shape[1])
         per_pair[pairs] = y_sorted
         return per_pair.view(t, k, -1).sum(1)
+
+
+def _count(m: ExpertMatrices) -> int:
+    return m.num_experts if isinstance(m, Fp8Experts) else int(m.shape[0])

@@ -17,7 +17,6 @@ from cluster.model.checkpoint import CheckpointReader
 from cluster.model.image_rows import ImageRows
 
 ImageInput = torch.Tensor | np.ndarray
-_PREFIXES = ("", "model.")  # legacy save layout, then the transformers v5 one
 
 
 class InvalidImageError(RequestError):
@@ -99,30 +98,25 @@ class VisionEncoder:
 
     @classmethod
     def from_reader(cls, reader: CheckpointReader) -> VisionEncoder:
-        from transformers import Mistral3Config
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
         from transformers.models.pixtral.configuration_pixtral import PixtralVisionConfig
         from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
 
-        raw = reader.config.raw
-        if reader.config.model_type != "mistral3" or not raw.get("vision_config"):
+        if reader.config.vision is None:
             raise CheckpointError(f"{reader.model_dir}: config.json has no vision_config; this model takes no images")
-        config = Mistral3Config.from_dict(raw)
-        prefix = next((p for p in _PREFIXES if reader.names_with_prefix(f"{p}vision_tower.")), None)
-        if prefix is None:
-            raise CheckpointError(f"{reader.model_dir}: no vision_tower.* tensors (tried prefixes {_PREFIXES})")
+        config = reader.config.hf  # transformers' Mistral3Config
         if not isinstance(config.vision_config, PixtralVisionConfig):
             raise CheckpointError(f"{reader.model_dir}: vision_config is not a Pixtral tower's")
         tower = PixtralVisionModel(config.vision_config)
         projector = Mistral3MultiModalProjector(config)
         for module, name in ((tower, "vision_tower."), (projector, "multi_modal_projector.")):
-            names = reader.names_with_prefix(prefix + name)
-            state = {n[len(prefix + name):]: reader.read_absolute(n) for n in names}
+            state = reader.vision_state_dict(name)  # fp8 weights come dequantized
             try:
                 # assign keeps the checkpoint's dtype (bf16 stays bf16) and skips a copy
                 module.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as e:
-                raise CheckpointError(f"{reader.model_dir}: {prefix}{name}* does not fit the config: {e}") from e
+                raise CheckpointError(f"{reader.model_dir}: {reader.vision_prefix}{name}* does not fit the config: "
+                                      f"{e}") from e
         return cls(tower, projector, config)
 
     @property
@@ -171,10 +165,12 @@ class VisionEncoder:
 
 
 def image_rows(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
-               image_token_id: int, image_end_id: int | None = None) -> ImageRows:
+               image_token_id: int | None, image_end_id: int | None = None) -> ImageRows:
     """Where the images' embedding rows go in the prompt: the [IMG] positions, in order. With
     `image_end_id`, each image's rows must also fill exactly its own [IMG] run (up to its
-    [IMG_END]), so swapped images are caught."""
+    [IMG_END]), so swapped images are caught. A model without an image token takes no images."""
+    if image_token_id is None:
+        raise InvalidImageError("this model has no image token; it takes no images")
     ids = torch.as_tensor(token_ids, dtype=torch.long)  # [P]
     mask = ids == image_token_id  # [P]
     sizes = [int(e.shape[0]) for e in image_embeds]

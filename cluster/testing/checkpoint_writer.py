@@ -16,24 +16,33 @@ from safetensors.torch import load_file, save_file
 
 from cluster.errors import ConfigError, ScriptError
 from cluster.model.tokenizer import write_tekken_v15
+from cluster.testing.fp8_writer import FP8_FORMS, write_fp8
 from cluster.testing.presets import get_preset
 
 IMG_TOKEN_ID = 10  # Tekken's [IMG]
 EOS_TOKEN_ID = 2
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 METADATA_FILE = "moe_cluster.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, script: Sequence[int] | None = None,
                     expert_layout: str = "fused", num_files: int = 1,
-                    text_overrides: dict[str, Any] | None = None) -> Path:
-    """Builds the model with `transformers`, randomly initialised from `seed`, and saves it."""
+                    text_overrides: dict[str, Any] | None = None, dtype: str = "float32",
+                    fp8: str | None = None, fp8_block: tuple[int, int] = (128, 128)) -> Path:
+    """Builds the model with `transformers`, randomly initialised from `seed`, and saves it in
+    `dtype` ("float32" or "bfloat16"); with `fp8` ("block": `fp8_block` grids, or "static":
+    per-tensor scales), its linear layers are then rewritten in FP8 (fp8_writer.py)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
 
     if expert_layout not in ("fused", "per_expert"):
         raise ConfigError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
     if num_files < 1:
         raise ConfigError(f"num_files must be >= 1, got {num_files}")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if fp8 is not None and fp8 not in FP8_FORMS:
+        raise ConfigError(f"fp8 must be one of {FP8_FORMS}, got {fp8!r}")
     spec = get_preset(preset)
     text = {**spec.text, **(text_overrides or {})}
     out = Path(out)
@@ -44,17 +53,21 @@ def make_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, script
     model = Mistral3ForConditionalGeneration(config).eval()
     if script is not None:
         _apply_script(model, list(script), seed)
+    model = model.to(_DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         model.save_pretrained(tmp, max_shard_size=max(size // num_files + 1, 1 << 20))
         if expert_layout == "per_expert":
             _split_experts(Path(tmp), text["moe_intermediate_size"])
+        if fp8 is not None:
+            write_fp8(tmp, fp8, fp8_block)
         for f in Path(tmp).iterdir():
             shutil.move(str(f), out / f.name)
     write_tekken_v15(out / "tekken.json", spec.vision["patch_size"], spec.spatial_merge_size, spec.max_image_size)
     meta = {"preset": preset, "seed": seed, "script": list(script) if script is not None else None,
-            "expert_layout": expert_layout, "text_overrides": text_overrides or {}}
+            "expert_layout": expert_layout, "text_overrides": text_overrides or {}, "dtype": dtype,
+            "fp8": fp8, "fp8_block": list(fp8_block) if fp8 == "block" else None}
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

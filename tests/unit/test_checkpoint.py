@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.errors import CheckpointError, ConfigError, ScriptError, UnsupportedCheckpointError
+from cluster.errors import CheckpointError, ConfigError, ScriptError
 from cluster.experts.dispatchers import transport_factory
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import TextConfig, load_model_config, parse_text_config
@@ -52,16 +52,6 @@ def test_dense_part_holds_no_routed_expert(tiny_ckpt: Path) -> None:
     assert not any(".experts." in r and "shared" not in r for r in reader.reads)
     assert not any(".experts." in n for n, _ in model.named_parameters())
     assert not any(isinstance(m, RoutedExperts) for m in model.modules())
-
-
-def test_fp8_checkpoint_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
-    ckpt = tmp_path / "fp8"
-    shutil.copytree(tiny_ckpt, ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedCheckpointError, match="quantization_config"):
-        LLM(ckpt)
 
 
 def test_bare_mistral4_config(tiny_ckpt: Path, tmp_path: Path) -> None:
