@@ -59,10 +59,6 @@ class Sequence:
     prompt_reported: bool = False
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
