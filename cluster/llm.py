@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
 
@@ -113,8 +113,9 @@ class LLM:
     def _validate(self, tokens: list[int]) -> None:
         if self.engine is not None:
             self.engine.validate_prompt(tokens)
-        else:
-            self.group.validate(tokens)
+            return
+        assert self.group is not None  # one or the other, from __init__
+        self.group.validate(tokens)
 
     def close(self) -> None:
         """Stops the expert group's actors (a local engine holds nothing to release)."""
@@ -180,9 +181,7 @@ class LLM:
     def _requests(self, prompts: Prompt | Sequence[Prompt],
                   sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[EngineRequest]:
         """Every prompt encoded and validated (and its images embedded) before any is admitted."""
-        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
@@ -195,6 +194,13 @@ class LLM:
         embeds = self._embed_images(encoded)
         return [EngineRequest(f"offline-{next(self._ids)}", tokens, p, emb)
                 for (tokens, _), emb, p in zip(encoded, embeds, params, strict=True)]
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, a dict, token ids) or a sequence of prompts, as a list of prompts."""
+    if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
+        return [cast(Prompt, prompts)]  # a sequence of ints is one prompt's token ids
+    return list(cast(Sequence[Prompt], prompts))
 
 
 def _completion(out: RequestOutput) -> CompletionOutput:

@@ -4,6 +4,7 @@ shared by `moe-cluster serve` and the end-to-end tests."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ def start_ray_and_serve(config: AppConfig, num_cpus: int | None = None) -> None:
 
     os.environ[GRPC_MESSAGE_ENV] = str(config.grpc_max_message_bytes)
     # address="local": always a new cluster, never one that happens to run on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
 

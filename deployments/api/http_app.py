@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,21 +105,25 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
     async def engine_stats() -> dict[str, Any]:
         """One router replica's engine snapshot, and this ingress replica's admission count."""
         core = get_core()
-        stats = await core.engine.call("stats", 10.0)
+        stats = await core.engine.stats(10.0)
         return {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,
                 "ingress_in_flight": core.admission.in_flight}
 
     return app
 
 
-async def _run(core: IngressCore, start: Callable[[IngressCore], Any], stream: bool) -> Response:
+async def _run(core: IngressCore, start: Callable[[IngressCore], Awaitable[Job]], stream: bool) -> Response:
     ticket = core.admission.enter()
     job: Job | None = None
     handed_off = False
     try:
-        job = await start(core)
+        job = started = await start(core)
         if stream:
-            response = ManagedStream(job.events(), on_close=lambda: (job.cancel(), ticket.release()))
+            def on_close() -> None:
+                started.cancel()
+                ticket.release()
+
+            response = ManagedStream(job.events(), on_close=on_close)
             handed_off = True
             return response
         return JSONResponse(await job.collect())

@@ -58,9 +58,10 @@ class GuardMiddleware:
             await send_error(send, self._too_large(int(length)))
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
-            receive = await self._buffered(receive, send)
-            if receive is None:
+            buffered = await self._buffered(receive, send)
+            if buffered is None:
                 return
+            receive = buffered
         await self.app(scope, receive, send)
 
     def _too_large(self, size: int | None) -> PayloadTooLarge:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
 
 
-class Job:
+class Job(ABC):
     """Started engine streams of one API request; `cancel` aborts them all (idempotent)."""
 
     def __init__(self, rid: str, streams: list[EngineStream], model: str, include_usage: bool) -> None:
@@ -29,6 +30,14 @@ class Job:
     def completion_tokens(self) -> int:
         """Output tokens of every choice (once the streams finished)."""
         return sum(len(s.result().token_ids) for s in self.streams)
+
+    @abstractmethod
+    async def collect(self) -> dict[str, Any]:
+        """The whole response body, once every stream finished."""
+
+    @abstractmethod
+    def events(self) -> AsyncIterator[str]:
+        """The response as server-sent events, as the streams make it."""
 
 
 class CompletionJob(Job):

@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.engine.output_aggregator import OutputAggregator, OutputKind, RequestOutput
 from cluster.model.tokenizer import Tokenizer
 from deployments.errors import to_api_error
-from deployments.serving.request import GenerateRequest
+from deployments.serving.request import GenerateRequest, ModelInfo
 from deployments.telemetry.instrumentation import observe_stream
+
+if TYPE_CHECKING:
+    from cluster.engine.stats import EngineStats
 
 
 class _TextDeltas:
@@ -135,8 +138,13 @@ class EngineClient:
         deltas = _TextDeltas(self._engine.options(stream=True).generate.remote(request), outputs)
         return EngineStream(observe_stream(deltas), outputs, self._retry_after_s, on_close)  # metrics
 
-    async def call(self, method: str, timeout_s: float) -> object:
-        return await asyncio.wait_for(getattr(self._engine, method).remote(), timeout_s)
+    async def info(self, timeout_s: float) -> ModelInfo:
+        """The served model (`EngineServer.info`)."""
+        return await asyncio.wait_for(self._engine.info.remote(), timeout_s)
+
+    async def stats(self, timeout_s: float) -> EngineStats:
+        """One engine replica's latest published stats (`EngineServer.stats`)."""
+        return await asyncio.wait_for(self._engine.stats.remote(), timeout_s)
 
 
 def new_request_id(prefix: str) -> str:

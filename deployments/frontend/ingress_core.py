@@ -46,8 +46,8 @@ class IngressCore:
         """True once a router has loaded the model and answers."""
         try:
             if self._info is None:
-                self._info = await self.engine.call("info", READY_TIMEOUT_S)
-            await self.engine.call("stats", READY_TIMEOUT_S)
+                self._info = await self.engine.info(READY_TIMEOUT_S)
+            await self.engine.stats(READY_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
         return True
@@ -55,7 +55,7 @@ class IngressCore:
     async def info(self) -> ModelInfo:
         if self._info is None:
             try:
-                self._info = await self.engine.call("info", INFO_TIMEOUT_S)
+                self._info = await self.engine.info(INFO_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - loading, restarting or gone: all 503
                 raise Unavailable("the model is not loaded yet; retry later",
                                   retry_after_s=self.config.retry_after_s) from exc

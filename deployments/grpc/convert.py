@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from deployments.api.chat_parser import ChatDelta
 from deployments.api.openai_chat import ChatJob
@@ -19,6 +19,7 @@ from deployments.errors import BadRequest
 from deployments.frontend.engine_client import merged
 from deployments.protos import moe_cluster_pb2 as pb
 
+Body = TypeVar("Body", bound=BaseModel)
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
 
 
@@ -68,7 +69,7 @@ def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
     return _validate(ChatCompletionRequest, data)
 
 
-def _validate(model: type, data: dict[str, Any]) -> Any:
+def _validate(model: type[Body], data: dict[str, Any]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as exc:

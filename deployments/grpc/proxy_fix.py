@@ -57,7 +57,7 @@ def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:
             except Exception:  # noqa: BLE001 - a finalizer must not raise
                 logger.debug("cancelling an abandoned gRPC stream failed", exc_info=True)
 
-    proxy.ProxyResponseGenerator = CancelOnDropResponseGenerator
+    proxy.ProxyResponseGenerator = CancelOnDropResponseGenerator  # type: ignore[misc]  # the patch itself
     _forward_deadlines()
     _installed = True
 
@@ -85,4 +85,4 @@ def _forward_deadlines() -> None:
             logger.debug("forwarding a gRPC deadline failed", exc_info=True)
         return context
 
-    prr.RayServegRPCContext = context_with_deadline
+    prr.RayServegRPCContext = context_with_deadline  # type: ignore[misc, assignment]  # the patch: a factory

@@ -7,7 +7,7 @@ a streaming call raises after setting it (Serve then keeps the code)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -69,7 +69,8 @@ class GrpcMethods:
             if ticket is not None:
                 ticket.release()
 
-    async def _stream(self, request: Any, ctx: Any, run: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    async def _stream(self, request: Any, ctx: Any, run: Callable[[], AsyncGenerator[Any, None]]
+                      ) -> AsyncIterator[Any]:
         ticket = None
         try:
             ticket = self._admit(request, ctx, True)
@@ -96,7 +97,7 @@ class GrpcMethods:
     @observe_grpc
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any  # noqa: N802
                              ) -> AsyncIterator[pb.GenerateResponse]:
-        async def run() -> AsyncIterator[pb.GenerateResponse]:
+        async def run() -> AsyncGenerator[pb.GenerateResponse, None]:
             job = await start_completion(self.core, completion_body(request))
             async for message in generate_deltas(job):
                 yield message
@@ -113,7 +114,7 @@ class GrpcMethods:
     @observe_grpc
     async def ChatStream(self, request: pb.ChatRequest, grpc_context: Any  # noqa: N802
                          ) -> AsyncIterator[pb.ChatResponse]:
-        async def run() -> AsyncIterator[pb.ChatResponse]:
+        async def run() -> AsyncGenerator[pb.ChatResponse, None]:
             job = await start_chat(self.core, chat_body(request))
             async for message in chat_deltas(job):
                 yield message

@@ -52,8 +52,9 @@ class VisionEncoderDeployment:
         # Processed images are at most max_image_size per side (the tokenizer's resize); this guards
         # the tower against anything else reaching it.
         self.limits = ImageLimits(max_images_per_request=config.images.max_images_per_request)
-        self._encode_batch.set_max_batch_size(config.vision.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(config.vision.batch_wait_s)
+        batching = self._encode_batch  # serve.batch's setters (documented) are missing from ray's types
+        batching.set_max_batch_size(config.vision.max_batch_size)  # type: ignore[attr-defined]  # as above
+        batching.set_batch_wait_timeout_s(config.vision.batch_wait_s)  # type: ignore[attr-defined]  # as above
         self._lock = threading.Lock()  # the counters: written in the batch task, read by stats()
         self._batches = 0
         self._requests = 0
@@ -164,7 +165,7 @@ def vision_deployment(config: AppConfig) -> Any:
     if v.num_replicas == 0:
         return None
     ingress_replicas = config.autoscaling.ingress.max_replicas if config.autoscaling else config.num_ingress_replicas
-    return serve.deployment(VisionEncoderDeployment, name=DEPLOYMENT_NAME).options(
+    return serve.deployment(name=DEPLOYMENT_NAME)(VisionEncoderDeployment).options(
         num_replicas=v.num_replicas,
         # queued calls wait in the replica's batch queue rather than at the handle
         max_ongoing_requests=max(4 * v.max_batch_size, ingress_replicas * config.max_ongoing_requests),

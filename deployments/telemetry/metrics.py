@@ -199,7 +199,9 @@ def ray_metric_factory(definition: MetricDef) -> Any:
     if any(t in SERVE_TAGS for t in definition.tags):
         from ray.util import metrics as mod
     else:
-        from ray.serve import metrics as mod
+        # ray.util's classes with Serve's tags added; checked against ray.util's, as Serve's annotate
+        # tag_keys as a 1-tuple
+        from ray.serve import metrics as mod  # type: ignore[no-redef]  # as above
     tags = definition.tags or None
     if definition.kind == "counter":
         return mod.Counter(definition.name, description=definition.description, tag_keys=tags)
