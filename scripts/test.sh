@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment (on a fresh machine too) and runs the test suite.
-# Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` for the quick tier.
+# Arguments go to pytest, e.g. `scripts/test.sh -m unit` for the quick tier (no Ray); the tiers
+# are markers (pyproject.toml, tests/conftest.py): unit, integration, e2e, slow, gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"

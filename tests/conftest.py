@@ -1,15 +1,72 @@
-"""Shared fixtures: checkpoints are written once per test session."""
+"""Shared fixtures: checkpoints are written once per test session; the session's one Ray cluster
+(tests/ray_session.py) starts for the first test that needs it. Test tiers by directory (a marker
+each, see pyproject.toml): tests/unit `unit` (no Ray), tests/integration `integration`,
+tests/e2e `e2e`; `slow` and `gpu` are set per test."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from cluster.testing.checkpoint_writer import make_checkpoint
+from tests.ray_session import RaySession
 
 torch.set_num_threads(2)
+
+TESTS = Path(__file__).parent
+TIERS = ("unit", "integration", "e2e")
+_RAY_GUARD = pytest.StashKey[tuple[bool, object]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        path = Path(item.path)
+        tier = path.relative_to(TESTS).parts[0] if TESTS in path.parents else None
+        if tier in TIERS:
+            item.add_marker(tier)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _no_ray(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("a unit test started Ray: unit tests run without it (tests that need Ray live in "
+                       "tests/integration or tests/e2e)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Unit tests run without Ray: `ray.init` (which every implicit start calls too) refuses from
+    their setup to their teardown, and Ray running afterwards fails the test."""
+    if item.get_closest_marker("unit") is None:
+        return
+    ray = sys.modules.get("ray")
+    original = ray.init if ray is not None and not ray.is_initialized() else None
+    item.stash[_RAY_GUARD] = (_ray_initialized(), original)
+    if original is not None:
+        ray.init = _no_ray
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        guard = item.stash.get(_RAY_GUARD, None)
+        if guard is not None:
+            was_up, original = guard
+            if original is not None:
+                sys.modules["ray"].init = original
+            if not was_up and _ray_initialized():
+                pytest.fail(f"{item.nodeid} started Ray: unit tests run without it")
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +91,24 @@ def make_ckpt(ckpt_root: Path):
         return made[name]
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[RaySession]:
+    """The session's Ray cluster and Serve, each started on first use (see tests/ray_session.py)."""
+    session = RaySession()
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_session: RaySession):
+    """The session's local Ray cluster (a head node), the driver connected."""
+    return ray_session.cluster()
+
+
+@pytest.fixture(scope="session")
+def expert_nodes(ray_session: RaySession) -> int:
+    """Worker nodes with one `expert_slot` each on the session's cluster: expert shards on distinct
+    nodes. Returns how many."""
+    return ray_session.expert_nodes()

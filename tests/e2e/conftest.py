@@ -1,12 +1,10 @@
 """The session's server: see tests/e2e/support.py for the applications it runs.
 
-It is started once, for the first e2e test that needs it, and stopped right after the last e2e
-test (not at the end of the whole session), so that other directories' fixtures that call
-`ray.init` in this process never meet it."""
+Serve starts on the session's Ray cluster (tests/conftest.py) for the first e2e test that needs
+it, and each application is deployed when a test first uses it (`Server.app`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from cluster.model.tokenizer import Tokenizer
 from deployments.config import AppConfig
 from tests.e2e.support import (
     GRPC_APP_MAX,
-    GRPC_PROXY_MAX,
     KEY,
     LIMIT,
     LIMITS_ENGINE,
@@ -28,31 +25,11 @@ from tests.e2e.support import (
     free_port,
     scripts,
 )
-
-HERE = Path(__file__).parent
-_running: list[Callable[[], None]] = []
-
-
-def _stop() -> None:
-    while _running:
-        _running.pop()()
-
-
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    if nextitem is None or HERE not in Path(nextitem.path).parents:
-        _stop()
+from tests.ray_session import RaySession
 
 
 @pytest.fixture(scope="session")
-def server(tiny_ckpt, make_ckpt) -> Server:
-    import ray
-
-    from deployments import launch
-
-    if ray.is_initialized():
-        pytest.fail("Ray is already initialized in this test process (another directory's session fixture); "
-                    "run tests/e2e before it or in its own pytest process")
-
+def server(ray_session: RaySession, tiny_ckpt: Path, make_ckpt) -> Server:
     script = scripts(Tokenizer.from_model_dir(tiny_ckpt))
     dirs = {"main": tiny_ckpt, "think": make_ckpt("think", script=script["think"]),
             "tool": make_ckpt("tool", script=script["tool"]), "limits": tiny_ckpt}
@@ -73,11 +50,4 @@ def server(tiny_ckpt, make_ckpt) -> Server:
         "routing": AppConfig(model=str(dirs["main"]), app_name="routing", route_prefix="/routing", vision=no_vision,
                              num_router_replicas=2, **{**common, "engine": ROUTING_ENGINE}),
     }
-    _running.append(launch.stop)
-    try:
-        launch.start_ray_and_serve(apps["main"].model_copy(update={"grpc_max_message_bytes": GRPC_PROXY_MAX}),
-                                   num_cpus=2)
-        launch.deploy(list(apps.values()))
-        yield Server(http_port, grpc_port, apps, dirs)
-    finally:
-        _stop()
+    return Server(http_port, grpc_port, apps, dirs, ray_session)

@@ -1,7 +1,8 @@
 """Shared by the e2e tests: the served applications, their limits, and a handle on the server.
 
-One Ray cluster and one Serve instance for the whole e2e session, on free ports, with four
-applications side by side (route prefixes over HTTP, the `application` metadata over gRPC):
+One Serve instance on the session's Ray cluster (tests/ray_session.py), on free ports, with these
+applications side by side (route prefixes over HTTP, the `application` metadata over gRPC), each
+deployed when a test first uses it (`Server.app`):
 
 - main   (/)        the tiny checkpoint: OpenAI API, parity, bad input, cancellation
 - think  (/think)   scripted: `[THINK]Let me think[/THINK]The answer`
@@ -16,9 +17,8 @@ requests share a batch); its image URLs may come from 127.0.0.1 (a test server) 
 
 from __future__ import annotations
 
-import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -26,11 +26,12 @@ import httpx2 as httpx
 
 from cluster.model.tokenizer import Tokenizer
 from deployments.config import AppConfig
+from tests.ray_session import PROXY_GRPC_MAX_MESSAGE_BYTES, RaySession, free_port  # noqa: F401 - used from here too
 
 KEY = "test-key-1"
 MAX_MODEL_LEN = 1024
 MAX_BODY = 256 * 1024
-GRPC_PROXY_MAX = 1024 * 1024  # the proxy's transport limit
+GRPC_PROXY_MAX = PROXY_GRPC_MAX_MESSAGE_BYTES  # the proxy's transport limit
 GRPC_APP_MAX = 512 * 1024  # each app's own check, below the proxy's
 LIMIT = 2  # max_ongoing_requests of the limits app
 LIMITS_ENGINE = {"max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": 64}
@@ -44,21 +45,39 @@ THINK_TEXT, ANSWER_TEXT = "Let me think", "The answer"
 TOOL_NAME, TOOL_ARGS = "get_weather", '{"city": "Paris"}'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     http_port: int
     grpc_port: int
     apps: dict[str, AppConfig]
     model_dirs: dict[str, Path]
+    ray: RaySession
+    deployed: dict[str, int] = field(default_factory=dict)  # app name: the Serve generation it runs in
+
+    def app(self, name: str = "main") -> AppConfig:
+        """The application `name`, deployed if it is not yet (or no longer: another module's Serve
+        replaced this one's) and running."""
+        from deployments import launch
+        from deployments.app import grpc_options, http_options
+
+        main = self.apps["main"]
+        generation = self.ray.serve(http_options(main), grpc_options(main))
+        if self.deployed.get(name) != generation:
+            launch.deploy([self.apps[name]])
+            self.deployed[name] = generation
+        return self.apps[name]
+
+    def remove(self, name: str) -> None:
+        """Deletes the application `name` (if it runs) and forgets its config."""
+        from ray import serve
+
+        config = self.apps.pop(name)
+        generation = self.deployed.pop(name, None)
+        if generation is not None and self.ray.serving(generation):
+            serve.delete(config.app_name)
 
     def url(self, path: str, app: str = "main") -> str:
-        prefix = self.apps[app].route_prefix.rstrip("/")
+        prefix = self.app(app).route_prefix.rstrip("/")
         return f"http://127.0.0.1:{self.http_port}{prefix}{path}"
 
     @property
@@ -66,10 +85,11 @@ class Server:
         return {"Authorization": f"Bearer {KEY}"}
 
     def metadata(self, app: str = "main", key: str | None = KEY) -> list[tuple[str, str]]:
-        md = [("application", self.apps[app].app_name)]
+        md = [("application", self.app(app).app_name)]
         return md + ([("authorization", f"Bearer {key}")] if key else [])
 
     def channel(self) -> grpc.Channel:
+        self.app("main")  # the proxy, and an application for the health and reflection services to name
         return grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[
             ("grpc.max_send_message_length", 8 * 2**20), ("grpc.max_receive_message_length", 8 * 2**20)])
 

@@ -20,6 +20,7 @@ from cluster.errors import ConfigError
 from deployments.app import GRPC_SERVICER_FUNCTIONS, app_builder, build_app
 from deployments.cli import main
 from deployments.config import AppConfig, load_config
+from tests import openai_check
 from tests.e2e.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def _serve_answers_and_stops(proc: subprocess.Popen, out: str, http_port: int, g
     assert f"http://127.0.0.1:{http_port}" in out and f":{grpc_port}" in out, out
     r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
                    headers={"Authorization": "Bearer cli-key"}, timeout=60)
-    assert r.status_code == 200, r.text
+    openai_check.body(r)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx2 as httpx
 import pytest
 
-from deployments import launch
+from tests import openai_check
 from tests.e2e.support import Server
 
 PROMPTS = [[1, 1784, 1500, 9001, 72], [1] + list(range(2000, 2030))]
@@ -21,23 +21,16 @@ def ep_server(server: Server) -> Server:
         "ep-ds": main.model_copy(update={"app_name": "ep-ds", "route_prefix": "/ep-ds", "transport": "deepspeed",
                                          "num_expert_shards": 2}),
     }
-    launch.deploy(list(extra.values()))
     server.apps.update(extra)
     yield server
-    import ray
-    from ray import serve
-
     for name in extra:
-        server.apps.pop(name)
-        if ray.is_initialized():  # the session server may already be stopped after the last e2e test
-            serve.delete(name)
+        server.remove(name)
 
 
 def _tokens(server: Server, app: str, prompt: list[int]) -> list[int]:
     r = httpx.post(server.url("/v1/completions", app), headers=server.headers, timeout=120, json={
         "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
+    return openai_check.body(r)["choices"][0]["token_ids"]
 
 
 @pytest.mark.parametrize("app", ["ep-ray", "ep-ds"])

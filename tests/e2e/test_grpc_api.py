@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from deployments.protos import moe_cluster_pb2 as pb
 from deployments.protos import moe_cluster_pb2_grpc as pb_grpc
+from tests import openai_check
 from tests.e2e.support import ANSWER_TEXT, GRPC_APP_MAX, GRPC_PROXY_MAX, THINK_TEXT, TOOL_ARGS, TOOL_NAME
 
 LONG = 900  # tokens: far more than a cancelled call lets run
@@ -52,8 +53,8 @@ def test_generate_matches_http(server, stub):
     prompt = [1, 1784, 1500, 9001]
     got = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=greedy(10)),
                         metadata=server.metadata(), timeout=60)
-    http = httpx.post(server.url("/v1/completions"), headers=server.headers, timeout=60, json={
-        "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "return_token_ids": True}).json()
+    http = openai_check.body(httpx.post(server.url("/v1/completions"), headers=server.headers, timeout=60, json={
+        "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "return_token_ids": True}))
     assert list(got.token_ids) == http["choices"][0]["token_ids"]
 
 

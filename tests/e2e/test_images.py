@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cluster.model.tokenizer import Tokenizer
+from tests import openai_check
 from tests.e2e.support import KEY, MAX_IMAGE_BYTES, MAX_IMAGES
 from tests.reference import assert_matches_reference, pixel_inputs, reference_greedy
 from tests.unit.test_images import png_claiming
@@ -41,24 +42,29 @@ def messages(*urls: str, text: str = "Describe the picture.") -> list[dict]:
 
 
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(api_key=KEY, base_url=server.url("/v1"), max_retries=0, timeout=120)
+    return openai_check.client(server.url("/v1"), KEY, timeout=120)
 
 
 def chat(server, msgs: list[dict], max_tokens: int = 2) -> httpx.Response:
-    return httpx.post(server.url("/v1/chat/completions"), headers=server.headers, timeout=120, json={
+    """The answer (its body checked if it is a 200)."""
+    r = httpx.post(server.url("/v1/chat/completions"), headers=server.headers, timeout=120, json={
         "messages": msgs, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    if r.status_code == 200:
+        openai_check.body(r)
+    return r
 
 
-def vision_stats(app: str = "main") -> dict:
+def vision_stats(server, app: str = "main") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("VisionEncoder", app_name=app).stats.remote().result(timeout_s=30)
+    name = server.app(app).app_name
+    return serve.get_deployment_handle("VisionEncoder", app_name=name).stats.remote().result(timeout_s=30)
 
 
-def ingress_stats(app: str = "main") -> dict:
+def ingress_stats(server, app: str = "main") -> dict:
     from ray import serve
 
-    return serve.get_app_handle(app).process_stats.remote().result(timeout_s=30)
+    return serve.get_app_handle(server.app(app).app_name).process_stats.remote().result(timeout_s=30)
 
 
 def test_image_answer_matches_transformers(server):
@@ -75,11 +81,11 @@ def test_image_answer_matches_transformers(server):
 
 
 def test_two_concurrent_image_requests_share_one_encoder_batch(server):
-    before = vision_stats()
+    before = vision_stats(server)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda seed: chat(server, messages(data_url(png(48, 32, seed)))), (3, 4)))
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    after = vision_stats()
+    after = vision_stats(server)
     assert after["batches"] == before["batches"] + 1, after["recent"][-3:]
     assert after["requests"] == before["requests"] + 2 and after["images"] == before["images"] + 2
     assert after["recent"][-1]["requests"] == 2
@@ -158,11 +164,11 @@ def test_bad_images_are_4xx_naming_the_part(server, image_host):
 def test_decompression_bomb_does_not_grow_the_ingress(server):
     bomb = messages(data_url(png_claiming(20000, 20000)))
     chat(server, bomb)  # warm the code path
-    before = ingress_stats()
+    before = ingress_stats(server)
     for _ in range(3):
         r = chat(server, bomb)
         assert r.status_code == 400 and "max_image_pixels" in r.json()["error"]["message"]
-    after = ingress_stats()
+    after = ingress_stats(server)
     # decoding it would take 20000 x 20000 x 3 bytes = 1.2 GB
     assert after["peak_rss_bytes"] - before["peak_rss_bytes"] < 32 * 2**20, (before, after)
     assert after["rss_bytes"] - before["rss_bytes"] < 32 * 2**20, (before, after)

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from cluster.model.tokenizer import Tokenizer
+from tests import openai_check
 from tests.e2e.support import ANSWER_TEXT, KEY, THINK_TEXT, TOOL_ARGS, TOOL_NAME
 from tests.reference import assert_matches_reference, reference_greedy
 
@@ -18,7 +19,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 def client(server, app: str = "main") -> openai.OpenAI:
-    return openai.OpenAI(api_key=KEY, base_url=server.url("/v1", app), max_retries=0, timeout=60)
+    return openai_check.client(server.url("/v1", app), KEY)
 
 
 def test_models(server):
@@ -69,7 +70,7 @@ def test_completions_text_and_stream(server):
 
 def test_completions_n_and_batch(server):
     body = {"prompt": ["Hello", "The sky is"], "n": 2, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    r = httpx.post(server.url("/v1/completions"), json=body, headers=server.headers, timeout=60).json()
+    r = openai_check.body(httpx.post(server.url("/v1/completions"), json=body, headers=server.headers, timeout=60))
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
     assert r["choices"][0]["text"] == r["choices"][1]["text"]  # greedy: the same twice
     assert r["usage"]["completion_tokens"] == 16
@@ -78,9 +79,8 @@ def test_completions_n_and_batch(server):
 def test_greedy_completions_match_transformers(server):
     prompts = [[1, 1784, 1500, 9001, 72], [1] + list(range(2000, 2040))]
     for prompt in prompts:
-        r = httpx.post(server.url("/v1/completions"), headers=server.headers, timeout=60, json={
-            "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}).json()
+        r = openai_check.body(httpx.post(server.url("/v1/completions"), headers=server.headers, timeout=60, json={
+            "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}))
         choice = r["choices"][0]
         assert choice["prompt_token_ids"] == prompt
         ref = reference_greedy(server.model_dirs["main"], prompt, 24)
@@ -89,15 +89,14 @@ def test_greedy_completions_match_transformers(server):
 
 def test_return_token_ids_streamed(server):
     body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    whole = httpx.post(server.url("/v1/completions"), json=body, headers=server.headers, timeout=60).json()
+    whole = openai_check.body(httpx.post(server.url("/v1/completions"), json=body, headers=server.headers, timeout=60))
     ids, prompt_ids = [], None
     with httpx.stream("POST", server.url("/v1/completions"), json={**body, "stream": True},
                       headers=server.headers, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                ids += choice["token_ids"]
-                prompt_ids = prompt_ids or choice.get("prompt_token_ids")
+        for chunk in openai_check.chunks(r):
+            choice = chunk["choices"][0]
+            ids += choice["token_ids"]
+            prompt_ids = prompt_ids or choice.get("prompt_token_ids")
     assert ids == whole["choices"][0]["token_ids"] and prompt_ids == whole["choices"][0]["prompt_token_ids"]
 
 
@@ -200,9 +199,9 @@ def test_forced_tool_call_continues_as_the_model_would(server, choice):
     forced = [t.tool_calls_id] if choice == "required" else [
         t.tool_calls_id, *t.encode_text(TOOL_NAME, bos=False), t.args_id]
     body = {**base, "tool_choice": choice, "return_token_ids": True}
-    r = httpx.post(server.url("/v1/chat/completions", "tool"), json=body, headers=server.headers, timeout=60)
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["prompt_token_ids"][-len(forced):] == forced
+    r = openai_check.body(httpx.post(server.url("/v1/chat/completions", "tool"), json=body, headers=server.headers,
+                                     timeout=60))
+    assert r["choices"][0]["prompt_token_ids"][-len(forced):] == forced
 
 
 def test_health_and_ready_need_no_key(server):
@@ -216,12 +215,11 @@ def test_streamed_choices_and_chat_logprobs(server):
     body = {"prompt": "Hello", "n": 2, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True}
     texts, finishes = {0: "", 1: ""}, {}
     with httpx.stream("POST", server.url("/v1/completions"), json=body, headers=server.headers, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                for choice in json.loads(line[6:])["choices"]:
-                    texts[choice["index"]] += choice["text"]
-                    if choice["finish_reason"]:
-                        finishes[choice["index"]] = choice["finish_reason"]
+        for chunk in openai_check.chunks(r):
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["text"]
+                if choice["finish_reason"]:
+                    finishes[choice["index"]] = choice["finish_reason"]
     assert texts[0] == texts[1] != "" and finishes == {0: "length", 1: "length"}
 
     r = client(server).chat.completions.create(model="", max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
@@ -249,3 +247,4 @@ def test_chat_with_an_image(server):
     seen = c.chat.completions.create(model="", messages=with_image, max_tokens=3, temperature=0)
     assert seen.usage.prompt_tokens > plain.usage.prompt_tokens  # the image's [IMG] tokens
     assert seen.choices[0].finish_reason in ("stop", "length")
+

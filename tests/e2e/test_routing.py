@@ -4,12 +4,13 @@ steps)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+from collections.abc import Callable
 
 import httpx2 as httpx
 
+from tests import openai_check
 from tests.e2e.support import ROUTING_ENGINE
 
 LONG_PROMPT = [1] + list(range(2000, 3500))  # 1501 tokens: 94 of the replica's KV blocks
@@ -24,7 +25,8 @@ def router_replicas(app: str = "routing") -> list:
 
 
 def reports(actors: list) -> dict[str, dict]:
-    """Each replica's own routing report, asked of the replica actor directly: the ground truth."""
+    """Each replica's own routing report, asked of the replica actor directly: the ground truth.
+    (Each call counts as a report: `seq` goes up by one.)"""
     import ray
 
     out = {}
@@ -32,6 +34,29 @@ def reports(actors: list) -> dict[str, dict]:
         r = ray.get(actor.record_routing_stats.remote(), timeout=30)
         out[r["replica"]] = r
     return out
+
+
+def poll(what: str, condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s}s"
+        time.sleep(0.05)
+
+
+def wait_reports_sent(actors: list, rounds: int = 2) -> dict[str, dict]:
+    """Polls until Serve's controller has asked every replica for `rounds` more routing reports
+    (each is broadcast to the handles, the ingress's request router among them): their `seq` has
+    gone past what this test's own reads account for. Returns the last reads."""
+    first = reports(actors)
+    reads = [first]
+
+    def sent() -> bool:
+        reads.append(reports(actors))
+        by_controller = {r: reads[-1][r]["seq"] - first[r]["seq"] - (len(reads) - 1) for r in first}
+        return all(n >= rounds for n in by_controller.values())
+
+    poll(f"{rounds} routing reports of every replica sent", sent)
+    return reads[-1]
 
 
 class Streamer(threading.Thread):
@@ -47,13 +72,11 @@ class Streamer(threading.Thread):
     def run(self) -> None:
         try:
             with httpx.stream("POST", self.url, json=self.body, headers=self.headers, timeout=120) as r:
-                assert r.status_code == 200, r.read()
-                for line in r.iter_lines():
+                for chunk in openai_check.chunks(r):
                     if self.stop.is_set():
                         return  # leaving the stream cancels the request
-                    if line.startswith("data: {"):
-                        if json.loads(line[6:])["choices"]:
-                            self.tokens.append(time.monotonic())
+                    if chunk["choices"]:
+                        self.tokens.append(time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -69,10 +92,10 @@ def test_new_requests_avoid_the_replica_holding_a_long_prompt(server):
     """One replica holds a long prompt (1 request, 94 KV blocks), the other two short streams (2
     requests, a few blocks): new requests go to the one with more free KV blocks although it has
     more requests in flight (where Serve's default, the shorter queue, would send them)."""
-    actors = router_replicas()
-    assert len(actors) == 2
     server.wait_idle("routing")
-    time.sleep(1.0)  # both replicas' reports have reached the ingress's request router
+    actors = router_replicas(server.app("routing").app_name)
+    assert len(actors) == 2
+    wait_reports_sent(actors)  # both replicas' reports have reached the ingress's request router
     base = reports(actors)
     assert len(base) == 2 and all(r["free_blocks"] == ROUTING_ENGINE["num_kv_blocks"] for r in base.values())
     url = server.url("/v1/completions", "routing")
@@ -86,21 +109,20 @@ def test_new_requests_avoid_the_replica_holding_a_long_prompt(server):
         holder = next(r for r, s in now.items() if s["requests"] == base[r]["requests"] + 1)
         other = next(r for r in now if r != holder)
         assert now[holder]["free_blocks"] < now[other]["free_blocks"] - 90
-        time.sleep(1.5)  # the holder's new report (every 0.5 s) reaches the request router
+        wait_reports_sent(actors)  # the holder's report of its blocks in use has reached the request router
         for i in range(2):
             streams.append(Streamer(url, server.headers, {"prompt": f"Keep talking {i}", "max_tokens": room,
                                                           "temperature": 0, "ignore_eos": True}))
             streams[-1].start()
             streams[-1].wait_tokens(2)
-        time.sleep(1.0)
+        poll("three streams running", lambda: sum(s["running"] for s in reports(actors).values()) == 3)
         now = reports(actors)
         assert now[other]["requests"] - base[other]["requests"] == 2, (base, now)
         assert now[other]["running"] == 2 and now[holder]["running"] == 1
 
         for i in range(4):
-            r = httpx.post(url, headers=server.headers, timeout=60, json={
-                "prompt": f"Short request {i}", "max_tokens": 2, "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
+            openai_check.body(httpx.post(url, headers=server.headers, timeout=60, json={
+                "prompt": f"Short request {i}", "max_tokens": 2, "temperature": 0, "ignore_eos": True}))
         after = reports(actors)
         assert all(s.is_alive() and s.error is None for s in streams)  # all still holding their KV blocks
         assert after[holder]["requests"] - base[holder]["requests"] == 1, (base, after)
@@ -127,7 +149,7 @@ def test_long_prompt_prefills_in_chunks_beside_a_decoding_stream(server):
         r = httpx.post(url, headers=server.headers, timeout=120, json={
             "prompt": [1] + list(range(3000, 3900)), "max_tokens": 1, "temperature": 0, "ignore_eos": True})
         done = time.monotonic()
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 901, r.text
+        assert openai_check.body(r)["usage"]["prompt_tokens"] == 901
         during = [t for t in decoding.tokens if sent <= t <= done]
         assert decoding.is_alive() and decoding.error is None
         assert len(during) >= 5, f"the decoding stream got {len(during)} tokens during the long prefill"

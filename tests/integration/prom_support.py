@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from deployments.telemetry.metrics import exported_series
+from tests.ray_session import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "ops" / "prometheus"
@@ -45,14 +45,6 @@ def tool(name: str) -> str:
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    """A port free on every interface (Serve's gRPC proxy binds them all, and the session's Ray
-    processes listen on the node's address)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def known(name: str) -> bool:

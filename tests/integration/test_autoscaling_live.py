@@ -26,7 +26,8 @@ import pytest
 
 from deployments.config import AppConfig
 from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
-from tests.integration.prom_support import free_port
+from tests import openai_check
+from tests.ray_session import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +47,8 @@ class Results:
     def check(self, kind: str, response: httpx.Response, tokens: int) -> None:
         with self.lock:
             try:
-                choice = response.json()["choices"][0]
-                if response.status_code == 200 and choice["finish_reason"] == "length" and \
-                        response.json()["usage"]["completion_tokens"] == tokens:
+                body = openai_check.body(response)
+                if body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == tokens:
                     self.ok[kind] += 1
                     return
             except Exception:  # noqa: BLE001 - reported below
@@ -105,8 +105,7 @@ def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_cluster, tiny_ckpt: Path):
-    import ray
+def app_url(ray_session, expert_nodes, tiny_ckpt: Path):
     from ray import serve
 
     from deployments.app import build_app, grpc_options, http_options
@@ -119,15 +118,14 @@ def app_url(ray_cluster, tiny_ckpt: Path):
                      "router": {"target_kv_usage": 0.5, "target_waiting": 1},
                      # a latency target this loose never triggers here: KV use drives the groups
                      "experts": {"min_groups": 1, "max_groups": 2, "target_exchange_latency_s": 60, **FAST}})
-    serve.start(proxy_location="HeadOnly", http_options=http_options(config), grpc_options=grpc_options(config))
+    ray_session.serve(http_options(config), grpc_options(config))
     try:
         serve.run(build_app(config), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{config.http_port}/v1/completions"
     finally:
-        if ray.is_initialized():  # (serve.shutdown would start a new local Ray otherwise)
-            serve.shutdown()
-            # Every group released its placement on the way out: the next tests need the slots.
-            _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == _free_slots()[1], 60, [])
+        ray_session.stop_serve()
+        # Every group released its placement on the way out: the next tests need the slots.
+        _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == _free_slots()[1], 60, [])
 
 
 def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: str) -> None:
@@ -168,7 +166,8 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
         _wait("the removed group's shard gone", lambda: _alive_shards() == 1, 60, seen)
         _, total = _free_slots()
         _wait("the removed group's placement released", lambda: _free_slots()[0] == total - 1, 60, seen)
-        time.sleep(1)  # the trickle runs on past the removal
+        short_before = results.ok["short"]
+        _wait("short requests answered past the removal", lambda: results.ok["short"] >= short_before + 2, 30, seen)
     finally:
         stop_long.set()
         stop_short.set()

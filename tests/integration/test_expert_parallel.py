@@ -30,7 +30,7 @@ def local_tokens(tiny_ckpt: Path, prompts) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("num_shards", [2, 4])
-def test_deepspeed_group_matches_local_and_reference(ray_cluster, tiny_ckpt: Path, prompts, local_tokens,
+def test_deepspeed_group_matches_local_and_reference(expert_nodes, tiny_ckpt: Path, prompts, local_tokens,
                                                       num_shards: int) -> None:
     llm = LLM(tiny_ckpt, transport="deepspeed", num_expert_shards=num_shards, max_num_batched_tokens=64)
     try:

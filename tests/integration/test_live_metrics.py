@@ -6,7 +6,7 @@ series, and every panel of the serving overview returns data.
 The load is what clients do: HTTP chat and completions (whole and streamed), gRPC unary and
 streaming calls, an image in a chat message, a client that leaves in the middle of a stream, a gRPC
 deadline that passes, refused requests (401, 400). Serve runs on the shared cluster
-(tests/integration/conftest.py) with its own ports and is shut down at the end of the module."""
+(tests/ray_session.py) with its own ports and is shut down at the end of the module."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import httpx2 as httpx
 import pytest
 
 from deployments.config import AppConfig
+from tests import openai_check
 from tests.integration.prom_support import (
     DASHBOARDS,
     PROJECT_SERIES,
-    free_port,
     has_data,
     known,
     prom_query,
@@ -34,6 +34,7 @@ from tests.integration.prom_support import (
     start_prometheus,
     stop_process,
 )
+from tests.ray_session import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -83,30 +84,28 @@ def _round(live: Live, client: httpx.Client, stub: object, image_url: str, stop:
         if got != want:
             live.failures.append(f"{what}: {got!r} != {want!r}")
 
+    # Whole and streamed answers are checked against the openai types (a failed check fails the round).
     h = live.headers
     chat = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8, "temperature": 0}
-    expect("chat", client.post(live.url("/v1/chat/completions"), json=chat, headers=h).status_code, 200)
+    openai_check.body(client.post(live.url("/v1/chat/completions"), json=chat, headers=h))
     with client.stream("POST", live.url("/v1/chat/completions"), json={**chat, "stream": True}, headers=h) as r:
-        expect("chat stream", r.status_code, 200)
-        expect("chat stream end", [line for line in r.iter_lines() if line][-1], "data: [DONE]")
+        expect("chat stream", bool(list(openai_check.chunks(r))), True)
     done = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True}
-    r = client.post(live.url("/v1/completions"), json=done, headers=h)
-    expect("completion", (r.status_code, r.json()["choices"][0]["finish_reason"]), (200, "length"))
+    r = openai_check.body(client.post(live.url("/v1/completions"), json=done, headers=h))
+    expect("completion", r["choices"][0]["finish_reason"], "length")
     with client.stream("POST", live.url("/v1/completions"), json={**done, "stream": True}, headers=h) as r:
-        expect("completion stream", r.status_code, 200)
-        list(r.iter_lines())
+        expect("completion stream", bool(list(openai_check.chunks(r))), True)
     image_chat = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": image_url}}]}],
         "max_tokens": 4}
-    expect("image chat", client.post(live.url("/v1/chat/completions"), json=image_chat, headers=h).status_code, 200)
+    openai_check.body(client.post(live.url("/v1/chat/completions"), json=image_chat, headers=h))
     if stop.is_set():
         return
     # A client that leaves in the middle of a long stream: an abort by the client.
     long = {"prompt": "Tell me everything", "max_tokens": 200, "ignore_eos": True, "stream": True}
     with client.stream("POST", live.url("/v1/completions"), json=long, headers=h) as r:
-        expect("cancelled stream", r.status_code, 200)
-        lines = r.iter_lines()
-        next(lines), next(lines)
+        stream = openai_check.chunks(r)
+        next(stream), next(stream)
     # Refused: no key (401), bad input (400); unprobed paths; health.
     expect("no key", client.get(live.url("/v1/models")).status_code, 401)
     expect("bad body", client.post(live.url("/v1/completions"), json={"prompt": ""}, headers=h).status_code, 400)
@@ -135,7 +134,7 @@ def _round(live: Live, client: httpx.Client, stub: object, image_url: str, stop:
 
 
 @pytest.fixture(scope="module")
-def live(ray_cluster, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(ray_session, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     import ray
     from ray import serve
 
@@ -148,7 +147,7 @@ def live(ray_cluster, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
     config = AppConfig(model=str(tiny_ckpt), app_name=APP, api_keys=[KEY], http_port=free_port(),
                        grpc_port=free_port(), ingress_num_cpus=0, router_num_cpus=0, vision={"num_cpus": 0},
                        engine={"max_model_len": 1024}, autoscaling={"ingress": fixed, "router": fixed})
-    serve.start(proxy_location="HeadOnly", http_options=http_options(config), grpc_options=grpc_options(config))
+    ray_session.serve(http_options(config), grpc_options(config))
     prom = None
     stop = threading.Event()
     try:
@@ -190,8 +189,7 @@ def live(ray_cluster, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         if prom is not None:
             stop_process(prom)
-        if ray.is_initialized():  # (serve.shutdown would start a new local Ray otherwise)
-            serve.shutdown()
+        ray_session.stop_serve()
 
 
 def test_load_ran_without_unexpected_answers(live: Live) -> None:

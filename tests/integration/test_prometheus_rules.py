@@ -26,7 +26,6 @@ from tests.integration.prom_support import (
     ROOT,
     RULE_TESTS,
     RULES,
-    free_port,
     known,
     panels,
     prom_query,
@@ -37,6 +36,7 @@ from tests.integration.prom_support import (
     substitute,
     tool,
 )
+from tests.ray_session import free_port
 
 
 def test_promtool_check_config():

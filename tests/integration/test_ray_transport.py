@@ -33,7 +33,7 @@ def local_tokens(tiny_ckpt: Path, prompts) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("num_shards, num_routers", [(2, 1), (4, 1), (2, 2)])
-def test_ray_transport_matches_local_and_reference(ray_cluster, tiny_ckpt: Path, prompts, local_tokens,
+def test_ray_transport_matches_local_and_reference(expert_nodes, tiny_ckpt: Path, prompts, local_tokens,
                                                    num_shards: int, num_routers: int) -> None:
     llm = LLM(tiny_ckpt, transport="ray", num_expert_shards=num_shards, num_routers=num_routers)
     try:
@@ -60,7 +60,7 @@ def test_ray_transport_matches_local_and_reference(ray_cluster, tiny_ckpt: Path,
 
 
 @pytest.mark.parametrize("transport", ["ray", "deepspeed"])
-def test_a_killed_shard_is_replaced_and_requests_finish(ray_cluster, tiny_ckpt: Path, transport: str) -> None:
+def test_a_killed_shard_is_replaced_and_requests_finish(expert_nodes, tiny_ckpt: Path, transport: str) -> None:
     prompts = _prompts(16, seed=11)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = [o.token_ids for o in LLM(tiny_ckpt).generate(prompts, params, use_tqdm=False)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,9 @@ def test_async_engine_streams_and_aborts(llm: LLM) -> None:
         # before its abort landed
         before = engine.stats().generation_tokens
         task = asyncio.create_task(consume())
+        deadline = time.monotonic() + 60
         while engine.stats().generation_tokens < before + 10:
+            assert time.monotonic() < deadline, "the request never got going"
             await asyncio.sleep(0.01)
         task.cancel()  # a deadline passed or the server dropped the request
         with pytest.raises(asyncio.CancelledError):

@@ -161,15 +161,20 @@ def test_pixel_budget_makes_requests_wait_for_room():
     async def run():
         budget = PixelBudget(100)
         order = []
+        waiting = {"b": asyncio.Event(), "c": asyncio.Event()}
 
-        async def hold(name: str, pixels: int, seconds: float):
+        async def hold(name: str, pixels: int, until: tuple[str, ...] = ()):
+            if name in waiting:
+                waiting[name].set()  # no await between this and the wait for room in hold()
             async with budget.hold(pixels):
                 order.append(f"{name}+")
-                await asyncio.sleep(seconds)
+                for other in until:  # a holds its pixels until b and c wait for room
+                    await waiting[other].wait()
                 order.append(f"{name}-")
 
-        await asyncio.gather(hold("a", 80, 0.05), hold("b", 80, 0.0), hold("c", 500, 0.0))
-        assert order[:2] == ["a+", "a-"]  # b waited for a; c (over the whole budget) ran alone
+        await asyncio.gather(hold("a", 80, until=("b", "c")), hold("b", 80), hold("c", 500))
+        # b waited for a; c (over the whole budget) ran alone
+        assert order == ["a+", "a-", "b+", "b-", "c+", "c-"]
         assert budget.used == 0
 
     asyncio.run(run())
