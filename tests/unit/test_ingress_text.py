@@ -5,14 +5,11 @@ the engine and frees its blocks."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import openai.types as oai
-import openai.types.chat as oai_chat
 import pytest
 from starlette.testclient import TestClient
 
@@ -23,6 +20,7 @@ from deployments.api.http_app import create_http_app
 from deployments.config import AppConfig
 from deployments.frontend.ingress_core import IngressCore
 from deployments.serving.request import GenerateRequest, ModelInfo
+from tests import openai_check
 from tests.unit.test_outputs import utf8_tail_script
 
 KEY = "k"
@@ -78,10 +76,11 @@ def served(tiny_ckpt: Path, make_ckpt) -> Iterator[tuple[TestClient, AsyncEngine
 
 def _events(http: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     with http.stream("POST", path, json={**body, "stream": True}, headers=HEADERS) as r:
-        assert r.status_code == 200
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        return list(openai_check.chunks(r))
+
+
+def _whole(http: TestClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    return openai_check.body(http.post(path, json=body, headers=HEADERS))
 
 
 def test_http_answers_ending_inside_a_character_keep_their_tail(served) -> None:
@@ -91,16 +90,15 @@ def test_http_answers_ending_inside_a_character_keep_their_tail(served) -> None:
     want = t.decode(script[:cut])
     assert want.endswith("\ufffd")
     body = {"prompt": [1, 5000], "max_tokens": cut, "temperature": 0, "return_token_ids": True}
-    whole = oai.Completion.model_validate(http.post("/v1/completions", json=body, headers=HEADERS).json())
-    assert whole.choices[0].text == want and whole.choices[0].finish_reason == "length"
-    chunks = _events(http, "/v1/completions", body)  # (`Completion` allows no unfinished chunk)
+    whole = _whole(http, "/v1/completions", body)["choices"][0]
+    assert whole["text"] == want and whole["finish_reason"] == "length"
+    chunks = _events(http, "/v1/completions", body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == want
 
     chat = {"messages": [{"role": "user", "content": "Price?"}], "max_tokens": cut, "temperature": 0}
-    r = oai_chat.ChatCompletion.model_validate(http.post("/v1/chat/completions", json=chat, headers=HEADERS).json())
-    assert r.choices[0].message.content == want
-    chunks = [oai_chat.ChatCompletionChunk.model_validate(e) for e in _events(http, "/v1/chat/completions", chat)]
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert _whole(http, "/v1/chat/completions", chat)["choices"][0]["message"]["content"] == want
+    chunks = _events(http, "/v1/chat/completions", chat)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want
     assert engine.stats().kv_blocks_used == 0
 
 
@@ -110,9 +108,9 @@ def test_a_stop_string_found_by_the_ingress_aborts_the_request_in_the_engine(ser
     body = {"prompt": [1, 5000], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stop": [": 5"]}
     chunks = _events(http, "/v1/completions", body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Prix"
-    last = oai.Completion.model_validate(chunks[-1]).choices[0]
-    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == ": 5"
-    whole = http.post("/v1/completions", json={**body, "stop": ["€"]}, headers=HEADERS).json()
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "stop" and last["stop_reason"] == ": 5"
+    whole = _whole(http, "/v1/completions", {**body, "stop": ["€"]})
     assert whole["choices"][0]["text"] == "Prix: 5" and whole["choices"][0]["stop_reason"] == "€"
     after = engine.stats()  # drains the aborts the ingress sent
     assert after.aborts == before.aborts + 2 and after.kv_blocks_used == 0 and after.num_running == 0
