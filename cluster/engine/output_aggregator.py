@@ -41,14 +41,16 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort"
     stop_reason: str | int | None = None
     logprobs: tuple[TokenLogprobs, ...] | None = None
+    index: int = 0  # which of the request's choices
 
 
 class OutputAggregator:
-    """One request's stream: feed it every `EngineOutput` in order with `add`."""
+    """One choice's stream (choice `index` of the request): feed it every `EngineOutput` of that
+    choice, in order, with `add`."""
 
     def __init__(self, request_id: str, params: SamplingParams, tokenizer: Tokenizer | None,
-                 kind: OutputKind = OutputKind.CUMULATIVE) -> None:
-        self.request_id, self.kind = request_id, kind
+                 kind: OutputKind = OutputKind.CUMULATIVE, index: int = 0) -> None:
+        self.request_id, self.kind, self.index = request_id, kind, index
         self._text = Detokenizer(tokenizer, params.stop)
         self._token_ids: list[int] = []
         self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
@@ -121,4 +123,4 @@ class OutputAggregator:
                 logprobs: tuple[TokenLogprobs, ...] | None) -> RequestOutput:
         return RequestOutput(self.request_id, prompt, ids, text, self.finished,
                              self._finish_reason if self.finished else None,
-                             self._stop_reason if self.finished else None, logprobs)
+                             self._stop_reason if self.finished else None, logprobs, self.index)
