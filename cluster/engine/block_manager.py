@@ -1,8 +1,20 @@
-"""Paged latent KV cache: block tables per sequence over a shared pool of fixed-size blocks."""
+"""Paged latent KV cache bookkeeping: per-sequence block tables over a pool of reference-counted,
+fixed-size blocks.
+
+A block is held by every table that lists it, and its reference count is the number of those
+tables. The `n` choices of one request share their prompt's full blocks that way. A shared block
+is always full for every table that holds it, so it is never written again: a sequence only
+writes past its shared part, into blocks of its own.
+
+A block whose count drops to zero goes to the back of the free list, and allocation takes from
+the front: the least recently freed block is reused first. A prefix cache can later keep freed
+blocks findable by their content and take one back off the free list (`OrderedDict.pop`) until it
+is reused, which makes the free list its LRU eviction order.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 import torch
 
@@ -13,8 +25,10 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
-        self._tables: dict[str, list[int]] = {}
+        self._refs = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._tables: dict[int, list[int]] = {}
+        self._tokens: dict[int, int] = {}  # tokens each table was last sized for
 
     @property
     def num_free(self) -> int:
@@ -27,45 +41,88 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def table(self, seq_id: str) -> list[int]:
-        return self._tables.get(seq_id, [])
+    def num_held(self, seq_id: int) -> int:
+        """Blocks in `seq_id`'s table (shared ones included)."""
+        return len(self._tables.get(seq_id, ()))
 
-    def ensure(self, seq_id: str, num_tokens: int) -> bool:
+    def table(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._tables.get(seq_id, ()))
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def ensure(self, seq_id: int, num_tokens: int) -> bool:
         """Grows `seq_id`'s table to hold `num_tokens`; allocates nothing and returns False when
         the pool is short."""
-        table = self._tables.setdefault(seq_id, [])
-        need = self.blocks_for(num_tokens) - len(table)
+        table = self._tables.get(seq_id)
+        need = self.blocks_for(num_tokens) - (len(table) if table is not None else 0)
         if need > len(self._free):
-            if not table:
-                del self._tables[seq_id]
             return False
-        table.extend(self._free.popleft() for _ in range(max(need, 0)))
+        if table is None:
+            table = self._tables[seq_id] = []
+        for _ in range(need):
+            block, _ = self._free.popitem(last=False)
+            self._refs[block] = 1
+            table.append(block)
+        self._tokens[seq_id] = max(num_tokens, self._tokens.get(seq_id, 0))
         return True
 
-    def free(self, seq_id: str) -> None:
-        self._free.extend(self._tables.pop(seq_id, []))
+    def fork(self, parent_id: int, child_id: int, num_tokens: int) -> int:
+        """Starts `child_id`'s table with the parent's blocks that `num_tokens` tokens fill
+        completely (a partial last block is not shared: the child recomputes those tokens into a
+        block of its own). Returns the number of tokens the child now holds."""
+        if child_id in self._tables:
+            raise ValueError(f"sequence {child_id} already holds blocks")
+        full = min(num_tokens // self.block_size, len(self._tables.get(parent_id, ())))
+        if full == 0:
+            return 0
+        shared = self._tables[parent_id][:full]
+        for block in shared:
+            self._refs[block] += 1
+        self._tables[child_id] = shared
+        self._tokens[child_id] = full * self.block_size
+        return full * self.block_size
 
-    def slots(self, seq_id: str, start: int, end: int) -> torch.Tensor:
-        """Cache slots (block * block_size + offset) of token positions [start, end)."""
-        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        pos = torch.arange(start, end)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def free(self, seq_id: int) -> None:
+        """Drops `seq_id`'s table; blocks no other table holds go to the back of the free list."""
+        self._tokens.pop(seq_id, None)
+        for block in self._tables.pop(seq_id, ()):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+
+    def block_tables(self, seq_ids: list[int]) -> torch.Tensor:
+        """The tables of `seq_ids` as one tensor [B, max blocks], padded with block 0."""
+        tables = [self._tables[s] for s in seq_ids]
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
     def check_integrity(self) -> None:
-        owned = [b for t in self._tables.values() for b in t]
-        free = list(self._free)
-        every = owned + free
-        if len(every) != self.num_blocks or set(every) != set(range(self.num_blocks)):
-            raise RuntimeError(f"block accounting broken: {len(owned)} owned + {len(free)} free, "
-                               f"{len(set(every))} distinct of {self.num_blocks}")
-        if any(not t for t in self._tables.values()):
-            raise RuntimeError("a sequence holds an empty block table")
-
-
-def allocate_caches(text: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """One latent cache per layer: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
-    return [torch.zeros(num_blocks, block_size, text.latent_dim, dtype=dtype)
-            for _ in range(text.num_hidden_layers)]
+        holders = [0] * self.num_blocks
+        for seq_id, table in self._tables.items():
+            if not table:
+                raise RuntimeError(f"sequence {seq_id} holds an empty block table")
+            if len(set(table)) != len(table):
+                raise RuntimeError(f"sequence {seq_id} lists a block twice: {table}")
+            for block in table:
+                holders[block] += 1
+        if holders != self._refs:
+            wrong = [b for b in range(self.num_blocks) if holders[b] != self._refs[b]]
+            raise RuntimeError(f"reference counts broken for blocks {wrong[:8]}: counted "
+                               f"{[self._refs[b] for b in wrong[:8]]}, held by {[holders[b] for b in wrong[:8]]}")
+        unreferenced = {b for b in range(self.num_blocks) if self._refs[b] == 0}
+        if unreferenced != set(self._free):
+            raise RuntimeError(f"free list holds {len(self._free)} blocks, {len(unreferenced)} are unreferenced; "
+                               f"in use but free: {sorted(set(self._free) - unreferenced)[:8]}, "
+                               f"leaked: {sorted(unreferenced - set(self._free))[:8]}")
+        for seq_id, table in self._tables.items():
+            full = self._tokens[seq_id] // self.block_size
+            for i, block in enumerate(table):
+                if self._refs[block] > 1 and i >= full:
+                    raise RuntimeError(f"block {block} is shared by {self._refs[block]} tables but is not full in "
+                                       f"sequence {seq_id}'s (position {i}, {self._tokens[seq_id]} tokens)")
+        if set(self._tokens) != set(self._tables):
+            raise RuntimeError("token counts and block tables name different sequences")
 
 
 def cache_bytes_per_block(text: TextConfig, block_size: int, dtype: torch.dtype) -> int:

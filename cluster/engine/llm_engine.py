@@ -1,32 +1,35 @@
-"""The engine loop: admit requests, schedule a step, run one forward over every scheduled
-sequence, sample, detect stops, report outputs."""
+"""The engine loop: admit requests, schedule a step, have the model runner compute and sample
+it, fork the choices of requests whose prompt just completed, detect stops, report outputs."""
 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cluster.engine.block_manager import BlockManager, allocate_caches
+from cluster.engine.block_manager import BlockManager
 from cluster.engine.engine_config import EngineConfig, resolve_limits
-from cluster.engine.sampler import logprobs_of, sample
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.sampler import choice_generator
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
 from cluster.engine.sequence import EngineOutput, Sequence, Status
-from cluster.engine.stats import EngineStats, KVLoad
+from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
 from cluster.engine.stop import StopChecker
-from cluster.errors import DuplicateRequestError, InvalidTokenError, PromptTooLongError, RequestError
-from cluster.model.attention import AttentionMetadata, DecodeBatch, SeqSpan
+from cluster.errors import (
+    DuplicateRequestError,
+    InvalidSamplingParamsError,
+    InvalidTokenError,
+    PromptTooLongError,
+    RequestError,
+)
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import load_model_config
-from cluster.model.dispatch import Dispatcher, ExchangeFailedError
+from cluster.model.dispatch import Dispatcher
 from cluster.model.image_rows import ImageRows
 from cluster.model.text_model import Mistral4TextModel
-
-MAX_STEP_RETRIES = 3
 
 
 @dataclass
@@ -36,7 +39,7 @@ class _Counters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     aborts: int = 0
-    reforms: list[float] = field(default_factory=list)  # seconds each re-form took
+    reforms: list[float] = field(default_factory=list)  # seconds each re-form took (the runner's list)
 
 
 class LLMEngine:
@@ -47,19 +50,35 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_config = load_model_config(self.model_dir)
         self.text = self.model_config.text
-        reader = CheckpointReader(self.model_dir, self.model_config)
-        self.model = Mistral4TextModel.from_reader(reader)
-        self.dispatcher = dispatcher
-        limits = resolve_limits(self.config, self.text, self.model.dtype)
+        self.runner = ModelRunner(CheckpointReader(self.model_dir, self.model_config), dispatcher)
+        limits = resolve_limits(self.config, self.text, self.runner.dtype)
         self.max_model_len = limits.max_model_len
         self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size)
-        self.caches = allocate_caches(self.text, limits.num_kv_blocks, self.config.block_size, self.model.dtype)
+        self.runner.allocate_caches(limits.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
                                    self.blocks)
         self.stop = StopChecker.for_model_dir(self.model_dir, self.text.eos_token_id)
-        self._seqs: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # every choice of every unfinished request
         self._arrivals = itertools.count()
-        self.counters = _Counters()
+        self._seq_ids = itertools.count()
+        self.counters = _Counters(reforms=self.runner.reforms)
+
+    @property
+    def model(self) -> Mistral4TextModel:
+        return self.runner.model
+
+    @property
+    def caches(self) -> list[torch.Tensor]:
+        return self.runner.caches
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.runner.dispatcher
+
+    @dispatcher.setter
+    def dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Wrapping the dispatcher (e.g. to time exchanges) takes effect from the next step."""
+        self.runner.dispatcher = dispatcher
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -76,20 +95,27 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     images: ImageRows | None = None) -> None:
-        if request_id in self._seqs:
+        """Queues the request. With `params.n` > 1 it runs as one sequence until its prompt is
+        prefilled; then its other choices are forked from it, sharing its full prompt blocks, and
+        each choice reports its own outputs (`EngineOutput.index`)."""
+        if request_id in self._requests:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         self.validate_prompt(prompt_token_ids)
+        if params.n > self.config.max_num_seqs:
+            raise InvalidSamplingParamsError(f"n={params.n} exceeds this engine's max_num_seqs="
+                                             f"{self.config.max_num_seqs} (the choices run at once)")
         if images is not None:
             self._validate_images(images, len(prompt_token_ids))
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrivals),
-                       images=images)
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
-        self.stop.start(seq)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        arrival = next(self._arrivals)
+        choices = [Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, arrival, images=images,
+                            generator=choice_generator(params, i), index=i, seq_id=next(self._seq_ids))
+                   for i in range(params.n)]
+        self.stop.start(choices[0])
+        choices[0].forks = choices[1:]
+        self._requests[request_id] = choices
+        self.scheduler.add(choices[0])
         self.counters.prompt_tokens += len(prompt_token_ids)
 
     def _validate_images(self, images: ImageRows, prompt_len: int) -> None:
@@ -103,14 +129,37 @@ class LLMEngine:
         if not bool(torch.isfinite(images.embeds).all()):
             raise RequestError("image embeddings contain NaN or infinity")
 
-    def abort(self, request_id: str) -> EngineOutput | None:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
+    def abort(self, request_id: str, index: int | None = None) -> EngineOutput | None:
+        """Aborts choice `index` of the request, or (None) all its unfinished choices, freeing
+        their blocks. Returns the aborted output (of the lowest aborted choice), or None when
+        nothing of that was running."""
+        choices = self._requests.get(request_id)
+        if choices is None:
             return None
-        self.scheduler.remove(seq)
-        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        targets = [s for s in choices if not s.finished and (index is None or s.index == index)]
+        if not targets:
+            return None
+        for seq in targets:
+            self._drop(seq, keep_forks=index is not None)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        if all(s.finished for s in choices):
+            del self._requests[request_id]
         self.counters.aborts += 1
-        return self._output(seq)
+        return [self._output(s) for s in targets][0]
+
+    def _drop(self, seq: Sequence, keep_forks: bool) -> None:
+        """Takes an unfinished choice out of the scheduler and frees its blocks (or, not forked
+        yet, out of the choices waiting for it). With `keep_forks`, the choices still to be forked
+        from it go on without it: the first of them takes its place."""
+        for other in self._requests[seq.request_id]:
+            if seq in other.forks:
+                other.forks.remove(seq)
+                return
+        self.scheduler.remove(seq)
+        forks, seq.forks = seq.forks, []
+        if keep_forks and forks:
+            forks[0].forks = forks[1:]
+            self.scheduler.add(forks[0])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -122,82 +171,42 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        input_ids, meta, embeds, rows = self._prepare(scheduled)
-        logits = self._forward(input_ids, meta, embeds, rows)
+        # Who takes a token from each sequence's last position: itself, and when its prompt just
+        # completed, the choices to fork from it too (they sample from the same logits).
+        samples = [[s.seq, *s.seq.forks] if s.completes else [] for s in scheduled]
+        tables = self.blocks.block_tables([s.seq.seq_id for s in scheduled])
+        result = self.runner.execute(scheduled, tables, samples)
+        self.counters.forward_calls += 1
         self.counters.steps += 1
-        completing = [s for s in scheduled if s.completes]
         for s in scheduled:
             s.seq.num_computed += s.num_new
-        tokens = sample(logits, [s.seq.params for s in completing], [s.seq.generator for s in completing])
         outputs = []
-        for row, (s, tok) in enumerate(zip(completing, tokens, strict=True)):
-            seq = s.seq
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(logprobs_of(logits[row], tok, seq.params.logprobs))
-            seq.token_ids.append(tok)
-            self.counters.generation_tokens += 1
-            self.stop.update(seq, tok, self.max_model_len)
-            if seq.finished:
-                self.scheduler.remove(seq)
-                del self._seqs[seq.request_id]
-            outputs.append(self._output(seq))
+        row = 0
+        for s, group in zip(scheduled, samples, strict=True):
+            if s.seq.forks:
+                self._fork(s.seq)
+            for seq in group:
+                tok, lp = result.tokens[row], result.logprobs[row]
+                row += 1
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                seq.token_ids.append(tok)
+                self.counters.generation_tokens += 1
+                self.stop.update(seq, tok, self.max_model_len)
+                if seq.finished:
+                    self.scheduler.remove(seq)
+                    if all(c.finished for c in self._requests[seq.request_id]):
+                        del self._requests[seq.request_id]
+                outputs.append(self._output(seq))
         return outputs
 
-    def _forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, embeds: torch.Tensor | None,
-                 rows: torch.Tensor) -> torch.Tensor:
-        """One forward over the step; a lost expert exchange re-forms the group and re-runs it
-        (the step writes the same latents to the same cache slots, so the re-run is exact)."""
-        for attempt in range(MAX_STEP_RETRIES + 1):
-            try:
-                logits = self.model(input_ids, meta, self.caches, self.dispatcher, rows, inputs_embeds=embeds)
-                self.counters.forward_calls += 1
-                return logits
-            except ExchangeFailedError:
-                if attempt == MAX_STEP_RETRIES:
-                    raise
-                started = time.monotonic()
-                self.dispatcher.recover()
-                self.counters.reforms.append(time.monotonic() - started)
-        raise AssertionError("unreachable")
-
-    def _prepare(self, scheduled: list[ScheduledSeq]
-                 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, torch.Tensor]:
-        ids, positions, slots, spans, rows = [], [], [], [], []
-        decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
-        embeds: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows in the flat batch, [n, H])
-        start = 0
-        for s in scheduled:
-            seq, c, n = s.seq, s.seq.num_computed, s.num_new
-            ids.extend(seq.token_ids[c:c + n])
-            positions.append(torch.arange(c, c + n))
-            context = self.blocks.slots(seq.request_id, 0, c + n)
-            slots.append(context[c:])
-            if n == 1:
-                decode_rows.append(start)
-                decode_slots.append(context)
-            else:
-                mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None]  # [n, c+n]
-                spans.append(SeqSpan(start, n, context, mask))
-            if seq.images is not None and c < seq.num_prompt_tokens:
-                pos = seq.images.positions
-                hit = (pos >= c) & (pos < c + n)
-                if bool(hit.any()):
-                    embeds.append((start - c + pos[hit], seq.images.embeds[hit]))
-            if s.completes:
-                rows.append(start + n - 1)
-            start += n
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        pos = torch.cat(positions)
-        cos, sin = self.model.rope.cos_sin(pos, self.model.dtype)
-        meta = AttentionMetadata(pos, torch.cat(slots), tuple(spans), _decode_batch(decode_rows, decode_slots),
-                                 cos, sin, self.model.rope.query_scale(pos))
-        inputs_embeds = None
-        if embeds:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-            for at, e in embeds:
-                inputs_embeds[at] = e.to(inputs_embeds.dtype)
-        return input_ids, meta, inputs_embeds, torch.tensor(rows, dtype=torch.long)
+    def _fork(self, parent: Sequence) -> None:
+        """Starts the choices waiting for `parent`'s prompt: each shares the prompt's full blocks
+        and recomputes the tokens of a partial last block into a block of its own."""
+        for child in parent.forks:
+            child.num_computed = self.blocks.fork(parent.seq_id, child.seq_id, parent.num_prompt_tokens)
+            self.scheduler.add_forked(child)
+        parent.forks = []
 
     def _output(self, seq: Sequence) -> EngineOutput:
         """Only what is new since the sequence's last output (the prompt ids on its first)."""
@@ -207,7 +216,8 @@ class LLMEngine:
         seq.prompt_reported = True
         logprobs = tuple(seq.logprobs) if seq.params.logprobs is not None else None
         seq.logprobs.clear()
-        return EngineOutput(seq.request_id, new, seq.finished, seq.finish_reason, seq.stop_reason, logprobs, prompt)
+        return EngineOutput(seq.request_id, new, seq.finished, seq.finish_reason, seq.stop_reason, logprobs, prompt,
+                            index=seq.index)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -225,24 +235,44 @@ class LLMEngine:
         blocks, reserved = self.blocks, 0
         for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting):
             if seq.num_computed < len(seq.token_ids):
-                reserved += max(blocks.blocks_for(len(seq.token_ids)) - len(blocks.table(seq.request_id)), 0)
+                reserved += max(blocks.blocks_for(len(seq.token_ids)) - blocks.num_held(seq.seq_id), 0)
+            if seq.num_prompt_tokens % blocks.block_size:
+                reserved += len(seq.forks)  # each fork's own copy of the partial last prompt block
         return KVLoad(blocks.num_free, reserved, blocks.num_blocks, blocks.block_size,
                       len(self.scheduler.running), len(self.scheduler.waiting))
 
+    def snapshot(self) -> EngineSnapshot:
+        """Stats, KV load, the dispatcher's expert token counts and the re-form times, as copies
+        (what `AsyncEngine` publishes after every change)."""
+        return EngineSnapshot(self.stats(), self.kv_load(), self.dispatcher.token_counts(),
+                              tuple(self.counters.reforms))
+
     def check_integrity(self) -> None:
+        """The scheduler's and block manager's checks, and: every unfinished choice of every request
+        is either scheduled or waiting, unforked and holding no blocks, for a scheduled choice of
+        its own request; finished choices hold nothing; finished requests are gone."""
         self.scheduler.check_integrity()
-        live = {s.request_id for s in self.scheduler.running} | {s.request_id for s in self.scheduler.waiting}
-        if live != set(self._seqs):
-            raise RuntimeError(f"engine tracks {sorted(self._seqs)} but scheduler holds {sorted(live)}")
+        queued = {id(s): s for s in itertools.chain(self.scheduler.running, self.scheduler.waiting)}
+        pending = {id(f): f for s in queued.values() for f in s.forks}
+        tracked = [s for choices in self._requests.values() for s in choices]
+        for seq in tracked:
+            where = f"{seq.request_id}#{seq.index}"
+            if seq.finished:
+                if id(seq) in queued or id(seq) in pending or self.blocks.num_held(seq.seq_id):
+                    raise RuntimeError(f"finished choice {where} is still queued or holds blocks")
+            elif id(seq) in pending:
+                if self.blocks.num_held(seq.seq_id) or seq.num_computed:
+                    raise RuntimeError(f"choice {where} is not forked yet but holds blocks")
+                if not any(f is seq for s in queued.values() if s.request_id == seq.request_id for f in s.forks):
+                    raise RuntimeError(f"choice {where} waits to be forked from another request's sequence")
+            elif id(seq) not in queued:
+                raise RuntimeError(f"unfinished choice {where} is neither queued nor waiting to be forked")
+        if len(queued) + len(pending) != sum(not s.finished for s in tracked):
+            raise RuntimeError(f"the scheduler holds {len(queued)} sequences and {len(pending)} pending choices; "
+                               f"the engine tracks {sum(not s.finished for s in tracked)} unfinished")
+        done = [rid for rid, choices in self._requests.items() if all(s.finished for s in choices)]
+        if done:
+            raise RuntimeError(f"finished requests are still tracked: {done}")
 
     def close(self) -> None:
         self.dispatcher.close()
-
-
-def _decode_batch(rows: list[int], contexts: list[torch.Tensor]) -> DecodeBatch | None:
-    if not rows:
-        return None
-    lengths = torch.tensor([len(c) for c in contexts])
-    padded = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)  # [B, Lmax], pad slot 0
-    valid = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
-    return DecodeBatch(torch.tensor(rows, dtype=torch.long), padded, valid[:, None, :])

@@ -29,9 +29,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    n: int = 1  # choices of the same prompt; they share the prompt's KV blocks
 
     def __post_init__(self) -> None:
         _int("max_tokens", self.max_tokens, 1)
+        _int("n", self.n, 1)
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

@@ -4,6 +4,10 @@ Each step, running sequences go first (a decode needs one token, an unfinished p
 what budget is left), then waiting ones are admitted while the budget, the running cap and the
 KV pool allow. When blocks run out, the most recently admitted running sequence is preempted:
 its blocks are freed and it is recomputed later from its tokens so far.
+
+A request with `n` choices is admitted as one sequence that counts `n` against `max_num_seqs`;
+once its prompt is prefilled the engine forks the other choices from it (`add_forked`), and they
+run from then on as sequences of their own.
 """
 
 from __future__ import annotations
@@ -46,17 +50,27 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def add_forked(self, seq: Sequence) -> None:
+        """A choice just forked from a running sequence (its shared blocks already in its table);
+        its admission was counted with the sequence it was forked from."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def remove(self, seq: Sequence) -> None:
         """Drops a finished or aborted sequence and frees its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.request_id)
+        self.blocks.free(seq.seq_id)
+
+    def _width(self) -> int:
+        """Sequences running now or once the running ones' pending choices are forked."""
+        return sum(1 + len(s.forks) for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.request_id)
+        self.blocks.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -72,7 +86,7 @@ class Scheduler:
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            while not self.blocks.ensure(seq.request_id, seq.num_computed + n):
+            while not self.blocks.ensure(seq.seq_id, seq.num_computed + n):
                 done = {s.seq for s in scheduled}
                 victims = [s for s in self.running if s not in done and s is not seq]
                 self._preempt(victims[-1] if victims else seq)
@@ -81,11 +95,15 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        width = self._width()
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self.blocks.ensure(seq.request_id, seq.num_computed + n):
+            if width + 1 + len(seq.forks) > self.config.max_num_seqs:
                 break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self.blocks.ensure(seq.seq_id, seq.num_computed + n):
+                break
+            width += 1 + len(seq.forks)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -95,9 +113,16 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.blocks.check_integrity()
-        ids = [s.request_id for s in self.running] + [s.request_id for s in self.waiting]
+        ids = [s.seq_id for s in self.running] + [s.seq_id for s in self.waiting]
         if len(ids) != len(set(ids)):
             raise RuntimeError("a sequence is queued twice")
         for seq in self.waiting:
-            if self.blocks.table(seq.request_id) and seq.num_computed == 0:
-                raise RuntimeError(f"waiting sequence {seq.request_id} holds blocks")
+            if self.blocks.num_held(seq.seq_id) and seq.num_computed == 0:
+                raise RuntimeError(f"waiting sequence {seq.request_id}#{seq.index} holds blocks")
+        for seq in self.running:
+            if self.blocks.num_held(seq.seq_id) < self.blocks.blocks_for(seq.num_computed):
+                raise RuntimeError(f"running sequence {seq.request_id}#{seq.index} computed {seq.num_computed} "
+                                   f"tokens into {self.blocks.num_held(seq.seq_id)} blocks")
+        for seq in (*self.running, *self.waiting):
+            if seq.forks and seq.num_output > 0:
+                raise RuntimeError(f"sequence {seq.request_id} is past its prompt with choices not forked")

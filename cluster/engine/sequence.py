@@ -38,6 +38,7 @@ class EngineOutput:
     stop_reason: int | None = None  # the stop token id that ended it
     new_logprobs: tuple[TokenLogprobs, ...] | None = None  # one per new token, when logprobs were asked for
     prompt_token_ids: tuple[int, ...] | None = None  # on the request's first output only
+    index: int = 0  # which of the request's `n` choices (each choice has its own stream of outputs)
 
 
 @dataclass(eq=False)
@@ -57,6 +58,11 @@ class Sequence:
     num_preemptions: int = 0
     reported: int = 0  # output tokens already reported
     prompt_reported: bool = False
+    index: int = 0  # choice index among the request's `n`
+    seq_id: int = 0  # unique in the engine: the key of the sequence's block table
+    # The request's other choices, forked from this sequence once its prompt is prefilled: they
+    # share its full prompt blocks and sample their first token from the same logits.
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def num_output(self) -> int:

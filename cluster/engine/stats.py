@@ -1,8 +1,14 @@
-"""A point-in-time snapshot of the engine, for metrics export and autoscaling."""
+"""Point-in-time views of the engine, for metrics export, autoscaling, request routing and
+readiness: taken by the engine loop after every change and read by anyone without a lock."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class KVLoad:
-    """What request routing needs of a router's KV cache, cheap enough to take after every step."""
+    """What request routing needs of an engine's KV cache, cheap enough to take after every step."""
 
     free_blocks: int  # free now
     reserved_blocks: int  # still to be taken by admitted and waiting prompts (their prefill is not done)
@@ -37,3 +43,15 @@ class KVLoad:
     def available_blocks(self) -> int:
         """Free blocks once every prompt already here is prefilled."""
         return max(self.free_blocks - self.reserved_blocks, 0)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the engine loop publishes after every step, add and abort (`AsyncEngine.snapshot`):
+    readers (metrics, autoscaling, routing, readiness) take the latest one and never wait for a
+    step. Nothing in it is shared with the engine: the counts are copies."""
+
+    stats: EngineStats
+    load: KVLoad
+    expert_tokens: Mapping[int, torch.Tensor]  # per MoE layer: routed (token, expert) pairs since start, [E]
+    reform_seconds: tuple[float, ...]  # how long each expert-group re-formation took, oldest first

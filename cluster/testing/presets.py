@@ -62,6 +62,13 @@ PRESETS: dict[str, Preset] = {
          "head_dim": 16, "patch_size": 16, "image_size": 512, "initializer_range": 0.04},
         max_image_size=512,
         description="routed experts >= half the per-token FLOPs (lm_head counted), 16 experts top-4"),
+    "small": Preset(
+        "small",
+        _text(hidden=256, layers=2, heads=4, q_lora=128, kv_lora=64, rope=32, nope=32, v=64, experts=16,
+              top_k=4, moe_inter=256, inter=1024, original=4096, factor=8.0, init=0.04),
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "head_dim": 16, "patch_size": 16, "image_size": 256, "initializer_range": 0.04},
+        description="little compute per token, so per-step engine overhead shows (engine benchmark)"),
 }
 
 
