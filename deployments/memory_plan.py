@@ -172,7 +172,7 @@ def plan_layout(fp: ModelFootprint, cluster: ClusterSpec, work: Workload) -> Mem
 
 
 def _place(plan: MemoryPlan, order: list[int], shards: int) -> MemoryPlan | None:
-    """Shards on the first GPUs of `order`, a engine on every GPU with room for one, the vision
+    """Shards on the first GPUs of `order`, an engine on every GPU with room for one, the vision
     encoder on the tightest GPU that still holds it; None when no engine or no vision encoder fits."""
     cluster, usable = plan.cluster, plan.cluster.usable
     items: dict[int, list[tuple[str, int]]] = {g: [] for g in range(cluster.num_gpus)}
@@ -189,7 +189,7 @@ def _place(plan: MemoryPlan, order: list[int], shards: int) -> MemoryPlan | None
         return None
     vision = plan.vision_bytes()
     if vision:
-        # Tightest fit first, not counting a engine GPU's room below its own minimum.
+        # Tightest fit first, not counting an engine GPU's room below its own minimum.
         room = {g: free(g) - (engine_min if g in engines else 0) for g in order}
         fits = [g for g in order if room[g] >= vision]
         if not fits:
