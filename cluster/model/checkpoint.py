@@ -21,24 +21,23 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from cluster.errors import CheckpointError, TensorMismatchError, UnsupportedCheckpointError
+from cluster.errors import CheckpointError, TensorMismatchError
 from cluster.model.config import ModelConfig, load_model_config
 from cluster.model.fp8 import ExpertMatrices, Fp8Experts, ScaleSegment, dequantize
-from cluster.model.quantization import SUPPORTED
+from cluster.model.quantization import FP8_DTYPE, SCALE_SUFFIXES, dtype_refusal
 from cluster.model.safetensors_header import INDEX_FILE, weight_files
-from cluster.model.tensor_specs import FP8_DTYPE, TensorSpec, expected_tensors
+from cluster.model.tensor_specs import TensorSpec, expected_tensors
 
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.", "")
 _LM_HEADS = ("language_model.lm_head.weight", "lm_head.weight")
 _VISION_PREFIXES = ("", "model.")  # legacy save layout, then the transformers v5 one
 _VISION_ROOTS = ("vision_tower.", "multi_modal_projector.")
-_SCALE_SUFFIXES = ("_scale_inv", "activation_scale")
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def is_scale(name: str) -> bool:
     """A scale tensor of an FP8 checkpoint (`weight_scale_inv`, `*_proj_scale_inv`, activation scales)."""
-    return name.endswith(_SCALE_SUFFIXES)
+    return name.endswith(SCALE_SUFFIXES)
 
 
 def is_routed_expert(rel: str) -> bool:
@@ -140,7 +139,7 @@ class CheckpointReader:
         dtype, shape = self.header(name)
         where = self.model_dir / self._weight_map[name]
         if dtype != spec.dtype:
-            raise _dtype_error(where, name, dtype, spec, self.config)
+            raise dtype_refusal(str(where), name, dtype, spec.dtype, spec.part, self.config.quantization)
         if shape != spec.shape:
             what = "scale grid" if is_scale(name) else "shape"
             raise TensorMismatchError(f"{where}: tensor {name} has {what} {list(shape)}; config.json implies "
@@ -246,28 +245,6 @@ class CheckpointReader:
             self.reads.append(f"{name}[{start}:{stop}]")
             parts.append(sl[start:stop])
         return torch.cat(parts)
-
-
-def _dtype_error(where: Path, name: str, found: str, spec: TensorSpec, config: ModelConfig) -> CheckpointError:
-    """Why a tensor's dtype is refused: an unsupported format by name, else a mismatch."""
-    quant = config.quantization
-    if spec.dtype == FP8_DTYPE and found.startswith("F8_"):
-        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found}: fp8 weights in a format other than "
-                                          f"e4m3fn (F8_E4M3) are not supported; {SUPPORTED}")
-    if spec.dtype == FP8_DTYPE and spec.part == "experts" and found in ("I8", "U8", "F4"):
-        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found} (fp4-packed experts) and not "
-                                          f"supported; {SUPPORTED}")
-    if is_scale(name) and found in ("F8_E8M0", "U8"):
-        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found} (ue8m0 scales) and not supported; "
-                                          f"{SUPPORTED}")
-    if spec.dtype == FP8_DTYPE:
-        why = f"quantization_config ({quant.describe() if quant else 'fp8'}) converts this module"
-    elif found.startswith("F8_"):
-        why = ("config.json has no quantization_config" if quant is None
-               else "quantization_config.modules_to_not_convert leaves this module unquantized")
-    else:
-        why = "the unquantized tensors' dtype is the embeddings'"
-    return TensorMismatchError(f"{where}: tensor {name} is {found}, expected {spec.dtype} ({why})")
 
 
 def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:

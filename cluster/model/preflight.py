@@ -15,6 +15,7 @@ from typing import Any
 
 from cluster.errors import CheckpointError, TensorMismatchError, TokenizerMismatchError
 from cluster.model.config import ModelConfig, load_model_config
+from cluster.model.quantization import dtype_refusal
 from cluster.model.safetensors_header import DTYPE_BITS, CheckpointHeaders, TensorHeader, read_checkpoint_headers
 from cluster.model.tensor_specs import Quantization, TensorSpec, expected_tensors, quantization_of
 
@@ -142,9 +143,8 @@ def _compare(headers: CheckpointHeaders, where: str, name: str, spec: TensorSpec
     if header.shape != spec.shape:
         raise TensorMismatchError(f"{_file(headers, header)}: tensor {name} has shape {list(header.shape)}, "
                                   f"config.json implies {list(spec.shape)}")
-    if header.dtype != spec.dtype:
-        raise TensorMismatchError(f"{_file(headers, header)}: tensor {name} is {header.dtype}, expected "
-                                  f"{spec.dtype}" + (f" ({quant.describe()})" if quant is not None else ""))
+    if header.dtype != spec.dtype:  # unsupported formats refused by name, as the engine's reader does
+        raise dtype_refusal(str(_file(headers, header)), name, header.dtype, spec.dtype, spec.part, quant)
 
 
 def vision_field(config: ModelConfig, field: str, default: Any = None) -> Any:

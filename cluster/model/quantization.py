@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.errors import ConfigError, UnsupportedCheckpointError
+from cluster.errors import CheckpointError, ConfigError, TensorMismatchError, UnsupportedCheckpointError
 
 SUPPORTED = ("supported: unquantized weights, or quant_method 'fp8' with float8_e4m3fn weights, block-scaled "
              "(weight_block_size [rows, cols]) or per-tensor (weight_block_size null), and float32 scales")
 _E4M3_NAMES = ("e4m3", "e4m3fn", "float8_e4m3fn")
+FP8_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+SCALE_SUFFIXES = ("_scale_inv", "activation_scale")
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,26 @@ def _skip_list(where: str, quant: dict[str, Any]) -> tuple[str, ...] | None:
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise ConfigError(f"config.json: {where}.modules_to_not_convert must be a list of module names, got {skip!r}")
     return tuple(skip)
+
+
+def dtype_refusal(where: str, name: str, found: str, expected: str, part: str,
+                  quant: Quantization | None) -> CheckpointError:
+    """Why tensor `name` (safetensors dtype `found`, `expected` by config.json) is refused: a format
+    the engine does not run, by name and with what it does, else a plain mismatch."""
+    if expected == FP8_DTYPE and found.startswith("F8_"):
+        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found}: fp8 weights in a format other than "
+                                          f"e4m3fn (F8_E4M3) are not supported; {SUPPORTED}")
+    if expected == FP8_DTYPE and part == "experts" and found in ("I8", "U8", "F4"):
+        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found} (fp4-packed experts), not supported; "
+                                          f"{SUPPORTED}")
+    if name.endswith(SCALE_SUFFIXES) and found in ("F8_E8M0", "U8"):
+        return UnsupportedCheckpointError(f"{where}: tensor {name} is {found} (ue8m0 scales), not supported; "
+                                          f"{SUPPORTED}")
+    if expected == FP8_DTYPE:
+        why = f"quantization_config ({quant.describe() if quant else 'fp8'}) converts this module"
+    elif found.startswith("F8_"):
+        why = ("config.json has no quantization_config" if quant is None
+               else "quantization_config.modules_to_not_convert leaves this module unquantized")
+    else:
+        why = "the unquantized tensors' dtype is the embeddings'"
+    return TensorMismatchError(f"{where}: tensor {name} is {found}, expected {expected} ({why})")

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.model.config import ModelConfig
-from cluster.model.quantization import Quantization
+from cluster.model.quantization import FP8_DTYPE, Quantization
 
-FP8_DTYPE = "F8_E4M3"
 SCALE_DTYPE = "F32"
 EXPERT_LAYOUTS = ("fused", "per_expert")
 

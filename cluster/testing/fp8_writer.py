@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from cluster.errors import ConfigError
 from cluster.model.config import load_model_config
-from cluster.model.quantization import parse_quantization
+from cluster.model.quantization import FP8_DTYPE, parse_quantization
 from cluster.model.safetensors_header import INDEX_FILE
-from cluster.model.tensor_specs import FP8_DTYPE, expected_tensors
+from cluster.model.tensor_specs import expected_tensors
 
 FP8_FORMS = ("block", "static")
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
