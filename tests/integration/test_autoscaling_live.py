@@ -104,8 +104,21 @@ def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list
     return time.monotonic() - started
 
 
+@dataclass(frozen=True)
+class Before:
+    """The shared cluster before this module's app: shard actors alive, free expert slots."""
+
+    shards: int
+    free_slots: float
+
+
 @pytest.fixture(scope="module")
-def app_url(ray_session, expert_nodes, tiny_ckpt: Path):
+def before(ray_session, expert_nodes) -> Before:
+    return Before(_alive_shards(), _free_slots()[0])
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_session, before: Before, tiny_ckpt: Path):
     from ray import serve
 
     from deployments.app import build_app, grpc_options, http_options
@@ -125,10 +138,10 @@ def app_url(ray_session, expert_nodes, tiny_ckpt: Path):
     finally:
         ray_session.stop_serve()
         # Every group released its placement on the way out: the next tests need the slots.
-        _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == _free_slots()[1], 60, [])
+        _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == before.free_slots, 60, [])
 
 
-def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: str) -> None:
+def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(before: Before, app_url: str) -> None:
     results, seen = Results(), []
     stop_long, stop_short = threading.Event(), threading.Event()
     long_body = {"prompt": LONG_PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True, "temperature": 0}
@@ -144,15 +157,15 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
         return now
 
     assert replicas() == (1, 1)
-    assert _alive_shards() == 1  # the first group: one router, its one shard
-    assert _free_slots()[0] == _free_slots()[1] - 1
+    assert _alive_shards() == before.shards + 1  # the first group: one router, its one shard
+    assert _free_slots()[0] == before.free_slots - 1
     for t in threads:
         t.start()
     try:
         # Two long requests at a time: KV use over its target (0.5) on one router, ongoing requests
         # (2 + the trickle) far under the ingress target of 8.
         up_s = _wait("scale-up to 2 routers", lambda: replicas()[1] == 2, 120, seen)
-        assert _alive_shards() == 2  # a whole group: the new router came up with its own shard
+        assert _alive_shards() == before.shards + 2  # a whole group: the new router came up with its own shard
         long_before = results.ok["long"]
         _wait("a long request on two routers", lambda: results.ok["long"] > long_before, 60, seen)
         # Measured under load (the metrics poll runs every few seconds; a fresh replica has one reading).
@@ -163,9 +176,8 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(app_url: s
         for t in threads[1:]:
             t.join(timeout=120)
         down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
-        _wait("the removed group's shard gone", lambda: _alive_shards() == 1, 60, seen)
-        _, total = _free_slots()
-        _wait("the removed group's placement released", lambda: _free_slots()[0] == total - 1, 60, seen)
+        _wait("the removed group's shard gone", lambda: _alive_shards() == before.shards + 1, 60, seen)
+        _wait("the removed group's placement released", lambda: _free_slots()[0] == before.free_slots - 1, 60, seen)
         short_before = results.ok["short"]
         _wait("short requests answered past the removal", lambda: results.ok["short"] >= short_before + 2, 30, seen)
     finally:
