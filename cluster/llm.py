@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from cluster.engine.engine_config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.output_aggregator import OutputKind, RequestOutput
 from cluster.engine.run_requests import EngineRequest, run_requests
+from cluster.engine.sampler import choice_seed
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
@@ -33,6 +35,10 @@ _CHAT_KEYS = {"messages", "tools", "reasoning_effort"}
 
 @dataclass(frozen=True)
 class CompletionOutput:
+    """A prompt's finished output. `outputs` holds its `SamplingParams.n` choices in index order,
+    as vLLM's `RequestOutput.outputs`; the fields here are choice 0's, so `outs[i].text` is the
+    same for any n. (The choices in `outputs` have no `outputs` of their own.)"""
+
     request_id: str
     prompt_token_ids: tuple[int, ...]
     token_ids: tuple[int, ...]
@@ -40,6 +46,8 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: str | int | None
     logprobs: tuple[TokenLogprobs, ...] | None
+    index: int = 0
+    outputs: tuple[CompletionOutput, ...] = ()
 
 
 class LLM:
@@ -153,14 +161,16 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[CompletionOutput]:
-        """The finished output of every prompt, in prompt order."""
+        """The finished output of every prompt, in prompt order; with `SamplingParams.n` > 1 its
+        choices are in `outputs` (see `CompletionOutput`)."""
         requests = self._requests(prompts, sampling_params)
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(requests), desc="generate", disable=not use_tqdm, unit="req") as bar:
+        done: dict[tuple[str, int], RequestOutput] = {}
+        total = sum(r.params.n for r in requests)
+        with tqdm(total=total, desc="generate", disable=not use_tqdm, unit="seq") as bar:
             for out in self._run(requests, OutputKind.FINAL_ONLY):
-                done[out.request_id] = out
+                done[(out.request_id, out.index)] = out
                 bar.update(1)
-        return [_completion(done[r.request_id]) for r in requests]
+        return [_completion([done[(r.request_id, i)] for i in range(r.params.n)]) for r in requests]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -176,7 +186,15 @@ class LLM:
         if self.engine is not None:
             return run_requests(self.engine, requests, kind)
         assert self.group is not None  # one or the other, from __init__
-        return iter(self.group.generate(requests))
+        # The group's engines take one choice per request: the choices of n > 1 go as requests
+        # of their own, seeded as the engine seeds choices, and come back under their index.
+        split = [(r, i) for r in requests for i in range(r.params.n)]
+        singles = [r if r.params.n == 1 else EngineRequest(f"{r.request_id}/{i}", r.prompt_token_ids,
+                                                           _one_choice(r.params, i), r.images)
+                   for r, i in split]
+        outs = self.group.generate(singles)
+        return iter(dataclasses.replace(o, request_id=r.request_id, index=i)
+                    for o, (r, i) in zip(outs, split, strict=True))
 
     def _requests(self, prompts: Prompt | Sequence[Prompt],
                   sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[EngineRequest]:
@@ -203,6 +221,13 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(cast(Sequence[Prompt], prompts))
 
 
-def _completion(out: RequestOutput) -> CompletionOutput:
-    return CompletionOutput(out.request_id, out.prompt_token_ids or (), out.token_ids, out.text, out.finish_reason,
-                            out.stop_reason, out.logprobs)
+def _one_choice(params: SamplingParams, index: int) -> SamplingParams:
+    seed = None if params.seed is None else choice_seed(params.seed, index)
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _completion(choices: list[RequestOutput]) -> CompletionOutput:
+    """A prompt's output from its choices' final outputs, in index order."""
+    outputs = tuple(CompletionOutput(c.request_id, c.prompt_token_ids or (), c.token_ids, c.text, c.finish_reason,
+                                     c.stop_reason, c.logprobs, c.index) for c in choices)
+    return dataclasses.replace(outputs[0], outputs=outputs)

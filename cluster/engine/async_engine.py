@@ -14,6 +14,7 @@ from cluster.engine.output_aggregator import OutputAggregator, OutputKind, Reque
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import EngineOutput
 from cluster.engine.stats import EngineStats, KVLoad
+from cluster.errors import InvalidSamplingParamsError
 from cluster.model.image_rows import ImageRows
 
 
@@ -74,6 +75,9 @@ class AsyncEngine:
         blocks."""
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
+        if isinstance(params, SamplingParams) and params.n != 1:
+            raise InvalidSamplingParamsError(f"n={params.n}: a stream carries one choice; send the choices as "
+                                             "requests of their own (LLM.generate takes n)")
         queue: asyncio.Queue = asyncio.Queue()
         self._inbox.append(("add", request_id, list(prompt_token_ids), params, images, asyncio.get_running_loop(),
                             queue))

@@ -161,6 +161,11 @@ class LLMEngine:
             forks[0].forks = forks[1:]
             self.scheduler.add(forks[0])
 
+    def block_tables(self, request_id: str) -> tuple[tuple[int, ...], ...]:
+        """The KV block table of each of the request's choices, in index order (empty for a choice
+        holding none: not forked yet, preempted or finished); () for a request not in the engine."""
+        return tuple(self.blocks.table(s.seq_id) for s in self._requests.get(request_id, ()))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -183,7 +188,7 @@ class LLMEngine:
         outputs = []
         row = 0
         for s, group in zip(scheduled, samples, strict=True):
-            if s.seq.forks:
+            if group and s.seq.forks:  # its prompt just completed
                 self._fork(s.seq)
             for seq in group:
                 tok, lp = result.tokens[row], result.logprobs[row]

@@ -24,30 +24,32 @@ class EngineRequest:
 def run_requests(engine: LLMEngine, requests: Sequence[EngineRequest], kind: OutputKind,
                  lock: contextlib.AbstractContextManager | None = None) -> Iterator[RequestOutput]:
     """Adds every request, then steps the engine until they finish, yielding their outputs of
-    `kind` as they come. A stop string found in a request's text aborts it in the engine; leaving
-    the iterator early aborts the requests still running. `lock` is held around each engine call."""
+    `kind` as they come (each of a request's `n` choices its own, told apart by `index`). A stop
+    string found in a choice's text aborts that choice in the engine; leaving the iterator early
+    aborts the requests still running. `lock` is held around each engine call."""
     guard = lock if lock is not None else contextlib.nullcontext()
-    streams: dict[str, OutputAggregator] = {}
+    streams: dict[tuple[str, int], OutputAggregator] = {}
     try:
         for r in requests:
             with guard:
                 engine.add_request(r.request_id, r.prompt_token_ids, r.params, r.images)
-            streams[r.request_id] = OutputAggregator(r.request_id, r.params, engine.stop.tokenizer, kind)
+            for i in range(r.params.n):
+                streams[(r.request_id, i)] = OutputAggregator(r.request_id, r.params, engine.stop.tokenizer, kind,
+                                                              index=i)
         while any(not s.finished for s in streams.values()):
             outputs = []
             with guard:
                 for delta in engine.step():
-                    stream = streams.get(delta.request_id)
+                    stream = streams.get((delta.request_id, delta.index))
                     if stream is None:
                         continue  # a request someone added to the engine directly
                     out = stream.add(delta)
                     if stream.must_abort:
-                        engine.abort(delta.request_id)
+                        engine.abort(delta.request_id, delta.index)
                     if out is not None:
                         outputs.append(out)
             yield from outputs  # outside the lock
     finally:
         with guard:
-            for rid, stream in streams.items():
-                if not stream.finished:
-                    engine.abort(rid)
+            for rid in dict.fromkeys(rid for (rid, _), stream in streams.items() if not stream.finished):
+                engine.abort(rid)

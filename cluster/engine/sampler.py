@@ -19,16 +19,20 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed`: the seed itself for choice 0 (so
+    `n = 1` is unchanged), for the others a seed derived from it and their index."""
+    if not index:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
 def choice_generator(params: SamplingParams, index: int) -> torch.Generator | None:
-    """The generator of choice `index` of a seeded request (None without a seed). Choice 0 uses the
-    seed itself, so `n = 1` is unchanged; the others use seeds derived from it and their index."""
+    """The generator of choice `index` of a seeded request (None without a seed)."""
     if params.seed is None:
         return None
-    seed = params.seed
-    if index:
-        digest = hashlib.blake2b(f"{params.seed}/{index}".encode(), digest_size=8).digest()
-        seed = int.from_bytes(digest, "little") % 2**63
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(choice_seed(params.seed, index))
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
