@@ -1,4 +1,4 @@
-"""The Serve application: Ingress -> Router (and VisionEncoder), built from one AppConfig. `build_app` for Python,
+"""The Serve application: Ingress -> EngineServer (and VisionEncoder), built from one AppConfig. `build_app` for Python,
 `app_builder` for Serve config files (`import_path: deployments.app:app_builder`, `args:` the
 AppConfig fields)."""
 
@@ -12,19 +12,21 @@ from ray.serve.config import BackpressureConfig, gRPCOptions
 
 from deployments.config import GRPC_SERVICER_FUNCTIONS, AppConfig, api_keys_from_env, parse_config
 from deployments.ingress import Ingress
-from deployments.serving.engine_server import Router
-from deployments.serving.request_router import router_deployment_options
+from deployments.serving.engine_server import EngineServer
+from deployments.serving.request_router import request_router_options
 from deployments.serving.vision_deployment import vision_deployment
-from deployments.telemetry.autoscaling import replica_options
+from deployments.telemetry.autoscaling_settings import replica_options
+
+ENGINE_DEPLOYMENT = "EngineServer"
 
 
 def build_app(config: AppConfig) -> Application:
-    router = serve.deployment(Router, name="Router").options(
-        **replica_options(config, "router"),  # fixed, or autoscaled on KV use + waiting queue (config.autoscaling)
-        max_ongoing_requests=config.router_max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.router_num_cpus, "num_gpus": config.router_num_gpus},
+    engine = serve.deployment(EngineServer, name=ENGINE_DEPLOYMENT).options(
+        **replica_options(config, "engine"),  # fixed, or autoscaled on KV use + waiting queue (config.autoscaling)
+        max_ongoing_requests=config.engine_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus},
         health_check_period_s=10, graceful_shutdown_timeout_s=10,
-        **router_deployment_options(config.routing),  # KV-aware routing (deployments/request_router.py)
+        **request_router_options(config.routing),  # KV-aware request routing (deployments.serving.request_router)
     ).bind(config)
     ingress = serve.deployment(Ingress, name="Ingress").options(
         **replica_options(config, "ingress"),  # fixed, or autoscaled on ongoing requests
@@ -34,7 +36,7 @@ def build_app(config: AppConfig) -> Application:
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         graceful_shutdown_timeout_s=10,
     )
-    return ingress.bind(router, config, vision_deployment(config))
+    return ingress.bind(engine, config, vision_deployment(config))
 
 
 def app_builder(args: dict[str, Any]) -> Application:

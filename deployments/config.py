@@ -19,8 +19,9 @@ from pydantic import (
 )
 
 from cluster.errors import ConfigError
+from deployments.renamed_keys import with_new_names
 from deployments.settings import ImageSettings, RoutingSettings, VisionSettings
-from deployments.telemetry.autoscaling import AutoscalingSettings
+from deployments.telemetry.autoscaling_settings import AutoscalingSettings
 
 if TYPE_CHECKING:
     from cluster.engine.engine_config import EngineConfig
@@ -36,7 +37,7 @@ GRPC_SERVICER_FUNCTIONS = [
 
 
 class EngineSettings(BaseModel):
-    """The router's engine limits (see cluster.engine.engine_config.EngineConfig)."""
+    """The engine's limits (see cluster.engine.engine_config.EngineConfig)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +54,11 @@ class EngineSettings(BaseModel):
         return EngineConfig(**self.model_dump())
 
 
+# Deprecated top-level keys (old -> new): "router" meant the deployment that runs an engine.
+RENAMED_KEYS = {"num_router_replicas": "num_engine_replicas", "router_num_cpus": "engine_num_cpus",
+                "router_num_gpus": "engine_num_gpus"}
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,8 +68,8 @@ class AppConfig(BaseModel):
     route_prefix: str = "/"
     engine: EngineSettings = EngineSettings()
     transport: Literal["local", "ray", "deepspeed"] = Field(
-        "local", description="expert dispatch transport of the routers: local (experts in the router), "
-                             "ray (router replicas share expert shards), deepspeed (a group per router)")
+        "local", description="expert dispatch transport of the engines: local (experts in the engine's process), "
+                             "ray (engine replicas share expert shards), deepspeed (a group per engine replica)")
     num_expert_shards: int = Field(0, ge=0, description="expert shard actors (ray/deepspeed transports; with "
                                                         "local, in-process shards)")
     exchange_deadline_s: PositiveFloat = Field(30.0, description="deadline of one expert exchange; a shard "
@@ -93,13 +99,18 @@ class AppConfig(BaseModel):
     routing: RoutingSettings = RoutingSettings()
 
     num_ingress_replicas: PositiveInt = 1
-    num_router_replicas: PositiveInt = 1
+    num_engine_replicas: PositiveInt = 1
     ingress_num_cpus: NonNegativeFloat = 0.5
-    router_num_cpus: NonNegativeFloat = 1.0
-    router_num_gpus: NonNegativeFloat = 0.0
+    engine_num_cpus: NonNegativeFloat = 1.0
+    engine_num_gpus: NonNegativeFloat = 0.0
     autoscaling: AutoscalingSettings | None = Field(
-        None, description="replica bounds and targets: ingress on ongoing requests, routers on KV use and waiting "
+        None, description="replica bounds and targets: ingress on ongoing requests, engines on KV use and waiting "
                           "queue (docs/OPERATIONS.md); None: fixed num_*_replicas")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return with_new_names(data, RENAMED_KEYS)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -120,12 +131,12 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _autoscaling(self) -> AppConfig:
         if self.autoscaling is not None:
-            self.autoscaling.check_app(self.model_fields_set, self.num_ingress_replicas, self.num_router_replicas,
+            self.autoscaling.check_app(self.model_fields_set, self.num_ingress_replicas, self.num_engine_replicas,
                                        self.transport)
         return self
 
     @property
-    def router_max_ongoing_requests(self) -> int:
+    def engine_max_ongoing_requests(self) -> int:
         # Every ingress replica may hold max_ongoing_requests requests of up to max_n streams each,
         # so admitted work never waits in a handle queue; headroom for stats/info calls.
         ingress = self.autoscaling.ingress.max_replicas if self.autoscaling else self.num_ingress_replicas

@@ -14,9 +14,9 @@ from deployments.grpc.service import GrpcMethods
 
 @serve.ingress()
 class Ingress(GrpcMethods):
-    def __init__(self, router: object, config: AppConfig, vision: object | None = None) -> None:
+    def __init__(self, engine: object, config: AppConfig, vision: object | None = None) -> None:
         self.config = config
-        self.core = IngressCore(router, config, vision)
+        self.core = IngressCore(engine, config, vision)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(lambda: self.core, self.config)

@@ -14,7 +14,7 @@ from deployments.config import API_KEYS_ENV, AppConfig, api_keys_from_env, load_
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API",
-                       description="Starts a local Ray cluster with the Serve application (ingress -> router) "
+                       description="Starts a local Ray cluster with the Serve application (ingress -> engine) "
                                    "and serves until Ctrl-C or SIGTERM. Flags override the config file.")
     p.add_argument("--model", default=None,
                    help="model directory (default: the embedded tiny checkpoint, made once and cached)")
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queued-requests", type=int, default=None, help="Serve queue before 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask (4096)")
     p.add_argument("--grpc-reflection", action="store_true", default=None, help="enable gRPC server reflection")
-    p.add_argument("--num-router-replicas", type=int, default=None)
+    p.add_argument("--num-engine-replicas", "--num-router-replicas", type=int, default=None,
+                   dest="num_engine_replicas", help="engine replicas (--num-router-replicas: its deprecated name)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster offers (default: all)")
 
 
@@ -40,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
                        grpc_port=args.grpc_port, api_keys=keys, served_model_name=args.served_model_name,
                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
                        max_tokens=args.max_tokens, grpc_reflection=args.grpc_reflection,
-                       num_router_replicas=args.num_router_replicas)
+                       num_engine_replicas=args.num_engine_replicas)
 
 
 def _interrupt(signum: int, _: FrameType | None) -> None:

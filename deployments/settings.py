@@ -81,7 +81,7 @@ class VisionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_replicas: NonNegativeInt = Field(1, description="0: no vision deployment (image requests get 400)")
-    # with the ingress (0.5) and a router (1), the default app fits a 2-CPU machine
+    # with the ingress (0.5) and an engine server (1), the default app fits a 2-CPU machine
     num_cpus: NonNegativeFloat = 0.5
     num_gpus: NonNegativeFloat = 0.0
     max_batch_size: PositiveInt = Field(16, description="requests (each with its images) in one encoder batch")
@@ -90,13 +90,13 @@ class VisionSettings(BaseModel):
 
 
 class RoutingSettings(BaseModel):
-    """How ingress replicas pick a router replica."""
+    """How ingress replicas pick an engine replica (the request router)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kv_aware: bool = Field(True, description="route to the replica with the most free KV blocks "
                                              "(deployments.serving.request_router); false: Serve's power of two "
                                              "choices")
-    stats_period_s: PositiveFloat = Field(0.5, description="how often routers report their KV state")
+    stats_period_s: PositiveFloat = Field(0.5, description="how often engine replicas report their KV state")
     stats_timeout_s: PositiveFloat = Field(5.0, description="a report slower than this is dropped")
     stale_after_s: PositiveFloat = Field(3.0, description="reports older than this count as unknown")

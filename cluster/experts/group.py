@@ -1,9 +1,10 @@
-"""Routers and their expert shards as Ray actors.
+"""Engines and their expert shards as Ray actors.
 
 Shards sit on distinct nodes (one `expert_slot` custom resource per node, STRICT_SPREAD
-placement group); routers run in their own actors, so the calling process never joins a
-process group. A `ShardRegistry` actor owns the shards and replaces a dead one in its bundle,
-loading the same experts; a router that loses an exchange asks it, re-forms, and re-runs its step.
+placement group); engines (attention, no routed experts) run in their own actors, so the calling
+process never joins a process group. A `ShardRegistry` actor owns the shards and replaces a dead
+one in its bundle, loading the same experts; an engine that loses an exchange asks it, re-forms,
+and re-runs its step.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.engine.engine_config import EngineConfig
 from cluster.engine.output_aggregator import OutputKind, RequestOutput
 from cluster.engine.run_requests import EngineRequest, run_requests
 from cluster.errors import ConfigError
 from cluster.experts.shard_worker import ShardWorker, free_port
+
+if TYPE_CHECKING:
+    from cluster.experts.dispatchers import RemoteDispatcher
 
 log = logging.getLogger(__name__)
 EXPERT_SLOT = "expert_slot"
@@ -32,7 +36,7 @@ class GroupSpec:
     num_shards: int
     transport: str
     engine: EngineConfig
-    num_routers: int = 1
+    num_engines: int = 1  # engines sending to the shards (the ray transport coalesces their calls)
     exchange_deadline_s: float = 30.0
     torch_threads: int = 1
 
@@ -70,7 +74,7 @@ class ShardRegistry:
         remove_placement_group(self.pg)
 
     def replace(self, rank: int, generation: int) -> tuple[list[Any], list[int]]:
-        """Replaces rank's shard unless another router already did (its generation moved on)."""
+        """Replaces rank's shard unless another engine already did (its generation moved on)."""
         import ray
 
         if self.generation[rank] == generation:
@@ -81,15 +85,14 @@ class ShardRegistry:
         return self.shards, self.generation
 
 
-class GroupRouter:
-    """A router's membership in an expert group: builds its engine over the transport's
-    dispatcher and re-forms the group when an exchange fails. Used inside a `RouterWorker`
-    actor and inside the Serve `Router` deployment alike."""
+class GroupMember:
+    """An engine's membership in an expert group: forms the transport's `dispatcher` (the engine
+    is then built over it) and re-forms the group when an exchange fails. Used inside an
+    `EngineWorker` actor and inside the Serve `EngineServer` deployment alike."""
 
     def __init__(self, spec: GroupSpec, registry: Any, owns_registry: bool = False) -> None:
         import ray
 
-        from cluster.engine.llm_engine import LLMEngine
         from cluster.experts.placement import ExpertPlacement
         from cluster.model.config import load_model_config
 
@@ -109,9 +112,9 @@ class GroupRouter:
                                              spec.exchange_deadline_s)
             self._form(dispatcher, shards)
         dispatcher.on_failure = self._reform
-        if owns_registry:  # the group leaves with this router (scale-down, shutdown)
+        if owns_registry:  # the group leaves with this engine (scale-down, shutdown)
             dispatcher.on_close = self._release_group
-        self.engine = LLMEngine(spec.model_dir, spec.engine, dispatcher)
+        self.dispatcher: RemoteDispatcher = dispatcher
 
     def _form(self, dispatcher: Any, shards: list[Any]) -> None:
         """(Re-)forms the DeepSpeed process group: rank 0 here, rank r + 1 on shard r."""
@@ -152,15 +155,15 @@ class GroupRouter:
         self.reform_seconds.append(time.monotonic() - started)
 
 
-class RouterWorker:
-    """Ray actor body of a router for the offline API: a GroupRouter and a synchronous loop."""
+class EngineWorker:
+    """Ray actor body of an engine for the offline API: a GroupMember and a synchronous loop."""
 
     def __init__(self, spec: GroupSpec, registry: Any) -> None:
         import torch
 
         torch.set_num_threads(spec.torch_threads)
         self.spec, self.registry = spec, registry
-        self.member: GroupRouter | None = None
+        self.member: GroupMember | None = None
         self.engine: Any = None
         self._lock = threading.Lock()  # around each engine call
         # One batch at a time: a batch's outputs are made from every delta of its requests, so
@@ -168,8 +171,10 @@ class RouterWorker:
         self._batch = threading.Lock()
 
     def start(self) -> None:
-        self.member = GroupRouter(self.spec, self.registry)
-        self.engine = self.member.engine
+        from cluster.engine.llm_engine import LLMEngine
+
+        self.member = GroupMember(self.spec, self.registry)
+        self.engine = LLMEngine(self.spec.model_dir, self.spec.engine, self.member.dispatcher)
 
     def generate(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         """The finished outputs, in request order."""
@@ -183,7 +188,7 @@ class RouterWorker:
 
     def time_exchange(self, num_tokens: int, repeats: int, seed: int = 0) -> list[float]:
         """Seconds per round trip of one MoE layer's exchange (dispatch + combine) of
-        `num_tokens` random tokens through this router's transport."""
+        `num_tokens` random tokens through this engine's transport."""
         with self._lock:
             return time_dispatch(self.engine, num_tokens, repeats, seed)
 
@@ -200,7 +205,7 @@ class RouterWorker:
         return dict(self.engine.dispatcher.pairs_sent)
 
     def token_counts(self) -> dict[int, Any]:
-        """Per layer, the (token, expert) pairs this router sent: [E] per layer."""
+        """Per layer, the (token, expert) pairs this engine sent: [E] per layer."""
         return self.engine.dispatcher.token_counts()
 
     def check_integrity(self) -> tuple[int, int]:
@@ -219,26 +224,26 @@ class RouterWorker:
 
 
 class ExpertGroup:
-    """Starts (or joins) a Ray cluster and places the routers and shards."""
+    """Starts (or joins) a Ray cluster and places the engines and shards."""
 
     def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None) -> None:
         import ray
 
         if spec.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {spec.transport!r} for an expert group; known: {TRANSPORTS}")
-        if spec.transport == "deepspeed" and spec.num_routers != 1:
-            raise ConfigError("the deepspeed transport pairs one router with its shards (num_routers=1); "
-                              "use transport='ray' for routers sharing shards")
+        if spec.transport == "deepspeed" and spec.num_engines != 1:
+            raise ConfigError("the deepspeed transport pairs one engine with its shards (num_engines=1); "
+                              "use transport='ray' for engines sharing shards")
         if not ray.is_initialized():
             # Joins the cluster named by RAY_ADDRESS, or starts a local one.
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         self.spec = spec
         self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(
             spec, require_distinct_nodes)
-        router_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(RouterWorker)
-        self.routers = [router_cls.remote(spec, self.registry) for _ in range(spec.num_routers)]
-        ray.get([r.start.remote() for r in self.routers])
-        self.router = self.routers[0]
+        worker_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(EngineWorker)
+        self.engines = [worker_cls.remote(spec, self.registry) for _ in range(spec.num_engines)]
+        ray.get([e.start.remote() for e in self.engines])
+        self.engine = self.engines[0]
 
     @property
     def shards(self) -> list[Any]:
@@ -247,12 +252,12 @@ class ExpertGroup:
         return ray.get(self.registry.current.remote())[0]
 
     def generate(self, requests: list[EngineRequest]) -> list[RequestOutput]:
-        """Requests spread round-robin over the routers, which run concurrently; the finished
+        """Requests spread round-robin over the engines, which run concurrently; the finished
         outputs, in request order."""
         import ray
 
-        n = len(self.routers)
-        refs = [r.generate.remote(requests[i::n]) for i, r in enumerate(self.routers)]
+        n = len(self.engines)
+        refs = [e.generate.remote(requests[i::n]) for i, e in enumerate(self.engines)]
         parts = ray.get(refs)
         out: list[RequestOutput] = [None] * len(requests)  # type: ignore[list-item]
         for i, part in enumerate(parts):
@@ -262,18 +267,18 @@ class ExpertGroup:
     def validate(self, tokens: list[int]) -> None:
         import ray
 
-        ray.get(self.router.validate.remote(tokens))
+        ray.get(self.engine.validate.remote(tokens))
 
     def shutdown(self) -> None:
         import ray
 
         try:
-            ray.get([r.close.remote() for r in self.routers], timeout=60)
+            ray.get([e.close.remote() for e in self.engines], timeout=60)
         except ray.exceptions.RayError as exc:
-            log.warning("closing routers: %s", exc)
+            log.warning("closing engines: %s", exc)
         finally:
             ray.get(self.registry.shutdown.remote(), timeout=60)
-            for actor in [*self.routers, self.registry]:
+            for actor in [*self.engines, self.registry]:
                 ray.kill(actor)
 
 
@@ -319,8 +324,8 @@ def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None)
 
 def shared_registry(spec: GroupSpec, name: str, detached: bool = True) -> Any:
     """The named registry `name` (created with its shards on first use, then shared): how
-    Serve router replicas find the expert shards they share. `detached=False` is for a router that
-    owns its group (`GroupRouter(..., owns_registry=True)` releases it on close): the registry
+    Serve engine replicas find the expert shards they share. `detached=False` is for an engine that
+    owns its group (`GroupMember(..., owns_registry=True)` releases it on close): the registry
     then fate-shares with the calling process, and the placement group is created here, so that a
     caller that is itself a detached actor (a Serve replica) takes it along if it dies without
     closing (a placement group lives as long as the job or detached actor that created it)."""

@@ -9,7 +9,7 @@ import torch
 
 from cluster.experts.placement import ExpertPlacement
 from cluster.model.checkpoint import CheckpointReader
-from cluster.model.routed_experts import RoutedExperts
+from cluster.model.routed_experts import DequantizedCache, RoutedExperts
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,21 @@ def split_by_rank(placement: ExpertPlacement, layer: int, topk_ids: torch.Tensor
 
 
 class ExpertShard:
-    """`cache_bytes` caps each layer's cache of dequantized experts (FP8 checkpoints; 0: none)."""
+    """`cache_bytes` caps the shard's cache of dequantized experts, over all its layers (FP8
+    checkpoints; 0: every routed expert is dequantized when a step uses it)."""
 
     def __init__(self, reader: CheckpointReader, placement: ExpertPlacement, rank: int, cache_bytes: int = 0) -> None:
         text = reader.config.text
         self.rank = rank
         self.dtype = reader.compute_dtype  # hidden states arrive and leave in it
         self.experts: dict[int, RoutedExperts] = {}
+        self.cache = DequantizedCache(cache_bytes) if cache_bytes else None
         for layer in text.moe_layers:
             ids = placement.experts_of(rank, layer)
             if ids:
                 gate_up, down = reader.read_experts(layer, ids)
                 self.experts[layer] = RoutedExperts(text.n_routed_experts, ids, gate_up, down,
-                                                    reader.compute_dtype, cache_bytes)
+                                                    reader.compute_dtype, self.cache, layer)
         self.num_experts = text.n_routed_experts
         self.reads = list(reader.reads)
 
@@ -70,4 +72,5 @@ class ExpertShard:
 
     def resident_bytes(self) -> int:
         """Bytes of routed-expert state this shard keeps: weights, scales and dequantized caches."""
-        return sum(e.resident_bytes() for e in self.experts.values())
+        cached = self.cache.nbytes if self.cache is not None else 0
+        return sum(e.resident_bytes() for e in self.experts.values()) + cached

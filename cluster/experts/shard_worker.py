@@ -32,7 +32,7 @@ class ShardWorker:
         placement = ExpertPlacement.of_model(self.text, spec.num_shards)
         self.rank, self.world = rank, spec.num_shards + 1
         self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank)
-        self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_routers > 1 else 0.0)
+        self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_engines > 1 else 0.0)
         self.server: Any = None  # the ray transport's exchange server, started on first use
         self._server_lock = threading.Lock()
         self._loop: threading.Thread | None = None

@@ -2,8 +2,9 @@
 
 Unquantized experts are held as they were read. FP8 experts stay fp8 with their scales
 (`Fp8Experts`) and each expert is dequantized into the compute dtype when a step routes tokens
-to it; a cache of dequantized experts, bounded by `cache_bytes` (0: none), keeps the most recently
-used ones so hot experts are not dequantized every step.
+to it; a cache of dequantized experts (`DequantizedCache`, one per shard across its layers, capped
+in bytes; none by default) keeps the most recently used ones so hot experts are not dequantized
+every step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.errors import ConfigError
 from cluster.model.fp8 import ExpertMatrices, Fp8Experts
+
+CacheKey = tuple[int, int]  # (layer, local expert)
 
 
 class DequantizedCache:
@@ -23,13 +27,13 @@ class DequantizedCache:
 
     def __init__(self, cap_bytes: int) -> None:
         if cap_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {cap_bytes}")
+            raise ConfigError(f"expert_cache_bytes must be >= 0, got {cap_bytes}")
         self.cap_bytes = cap_bytes
         self.nbytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, expert: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self._entries.get(expert)
         if entry is None:
             self.misses += 1
@@ -38,7 +42,7 @@ class DequantizedCache:
         self._entries.move_to_end(expert)
         return entry
 
-    def put(self, expert: int, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def put(self, expert: CacheKey, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
         size = sum(t.nbytes for t in entry)
         if size > self.cap_bytes:
             return
@@ -62,7 +66,8 @@ class RoutedExperts(nn.Module):
     token_counts: torch.Tensor  # [num_experts] (token, expert) pairs computed since the last reset
 
     def __init__(self, num_experts: int, expert_ids: Sequence[int], gate_up: ExpertMatrices,
-                 down: ExpertMatrices, compute_dtype: torch.dtype | None = None, cache_bytes: int = 0) -> None:
+                 down: ExpertMatrices, compute_dtype: torch.dtype | None = None,
+                 cache: DequantizedCache | None = None, layer: int = 0) -> None:
         super().__init__()
         sizes = (_count(gate_up), _count(down))
         if sizes != (len(expert_ids), len(expert_ids)):
@@ -80,7 +85,8 @@ class RoutedExperts(nn.Module):
             self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [E, 2I, H]
             self.down_proj = nn.Parameter(down, requires_grad=False)  # [E, H, I]
             self.dtype = gate_up.dtype
-        self.cache = DequantizedCache(cache_bytes)
+        self.cache = cache  # shared by the shard's layers; None: dequantize at every use
+        self.layer = layer
         local = torch.full((num_experts,), -1, dtype=torch.long)
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
         self.register_buffer("global_to_local", local, persistent=False)
@@ -90,11 +96,12 @@ class RoutedExperts(nn.Module):
         """(gate_up [2I, H], down [H, I]) of local expert `local` in the compute dtype."""
         if self.fp8 is None:
             return self.gate_up_proj[local], self.down_proj[local]
-        cached = self.cache.get(local)
+        cached = self.cache.get((self.layer, local)) if self.cache is not None else None
         if cached is not None:
             return cached
         gate_up, down = (m.dequantize(local, self.dtype) for m in self.fp8)
-        self.cache.put(local, (gate_up, down))
+        if self.cache is not None:
+            self.cache.put((self.layer, local), (gate_up, down))
         return gate_up, down
 
     def held(self) -> dict[str, int]:
@@ -104,10 +111,10 @@ class RoutedExperts(nn.Module):
         return {"gate_up_proj": self.fp8[0].weight.numel(), "down_proj": self.fp8[1].weight.numel()}
 
     def resident_bytes(self) -> int:
-        """Bytes this layer's experts keep in memory: weights, scales and the dequantized cache."""
+        """Bytes of this layer's expert weights and scales (the shared cache is the shard's)."""
         if self.fp8 is None:
             return sum(p.nbytes for p in self.parameters())
-        return sum(m.nbytes for m in self.fp8) + self.cache.nbytes
+        return sum(m.nbytes for m in self.fp8)
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H]."""

@@ -79,7 +79,7 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: a router has loaded the model and answers."""
+        """Readiness: an engine server has loaded the model and its engine loop runs."""
         if await get_core().ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "loading"}, status_code=503,
@@ -103,7 +103,8 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
 
     @app.get("/v1/engine/stats")
     async def engine_stats() -> dict[str, Any]:
-        """One router replica's engine snapshot, and this ingress replica's admission count."""
+        """One engine replica's stats (its latest published snapshot), and this ingress replica's admission
+        count."""
         core = get_core()
         stats = await core.engine.stats(10.0)
         return {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,

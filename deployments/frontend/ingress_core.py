@@ -1,4 +1,4 @@
-"""What the HTTP and gRPC front ends share inside an ingress replica: the tokenizer, the router
+"""What the HTTP and gRPC front ends share inside an ingress replica: the tokenizer, the engine
 client, admission, readiness, and the checks that turn a client's prompt and limits into typed
 engine requests (every refusal a 4xx naming the field)."""
 
@@ -20,6 +20,7 @@ from deployments.frontend.engine_client import EngineClient, EngineStream, new_r
 from deployments.frontend.images import ImagePipeline
 from deployments.serving.request import GenerateRequest, ModelInfo
 from deployments.serving.vision_deployment import VisionClient
+from deployments.telemetry.metrics import VisionMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,14 +29,14 @@ READY_TIMEOUT_S = 2.0
 
 
 class IngressCore:
-    def __init__(self, router: object, config: AppConfig, vision: object | None = None) -> None:
+    def __init__(self, engine: object, config: AppConfig, vision: object | None = None) -> None:
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
-        self.engine = EngineClient(router, self.tokenizer, config.retry_after_s)
+        self.engine = EngineClient(engine, self.tokenizer, config.retry_after_s)
         self.admission = Admission(config.max_ongoing_requests, config.retry_after_s)
         self.prompt_budget = TokenBudget(config.prompt_token_budget, config.retry_after_s)
-        self.images = ImagePipeline(config.images, _vision_metrics())
+        self.images = ImagePipeline(config.images, VisionMetrics())
         self.vision = VisionClient(vision, config.vision.timeout_s)
         self.image_token_id = load_model_config(self.model_dir).image_token_id
         self._info: ModelInfo | None = None
@@ -43,7 +44,9 @@ class IngressCore:
     # -- readiness ---------------------------------------------------------------------------
 
     async def ready(self) -> bool:
-        """True once a router has loaded the model and answers."""
+        """True once an engine server has loaded the model and its engine loop runs. It asks for
+        the stats the engine loop publishes (`EngineServer.stats`), which never wait for a step, so
+        a long prefill does not make a busy replica look unready."""
         try:
             if self._info is None:
                 self._info = await self.engine.info(READY_TIMEOUT_S)
@@ -166,12 +169,3 @@ class IngressCore:
             for release in releases:
                 release()
             raise
-
-
-def _vision_metrics() -> Any:
-    try:
-        from deployments.telemetry.metrics import VisionMetrics
-
-        return VisionMetrics()
-    except Exception:  # noqa: BLE001 - metrics are optional
-        return None

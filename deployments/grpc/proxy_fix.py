@@ -16,8 +16,9 @@ version this was written against, it logs a warning and changes nothing.
 
 The same hook also forwards the client's deadline: Serve copies only the call's metadata to the
 replica, so the proxy adds `x-moe-cluster-deadline` (the deadline as Unix seconds) to the context
-it sends, which lets the ingress count a call that ended at its deadline as such
-(`ray_moe_cluster_aborts_total{cause="deadline"}`) rather than as a client cancel.
+it sends, and `forwarded_deadline` reads it back in the ingress, which then counts a call that
+ended at its deadline as such (`ray_moe_cluster_requests_finished_total{reason="deadline"}`)
+rather than as a client cancel.
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ from typing import Any
 
 logger = logging.getLogger("ray.serve")
 _installed = False
-DEADLINE_METADATA = "x-moe-cluster-deadline"  # deployments.telemetry.instrumentation reads it
+DEADLINE_METADATA = "x-moe-cluster-deadline"  # written here by the proxy, read by `forwarded_deadline`
+
+
+def forwarded_deadline(grpc_context: Any) -> float | None:
+    """The client's deadline (Unix seconds) that the proxy forwarded with a call, if any."""
+    try:
+        for key, value in grpc_context.invocation_metadata() or ():
+            if key == DEADLINE_METADATA:
+                return float(value)
+    except Exception:  # noqa: BLE001 - a context without metadata, or a bad value: no deadline
+        logger.debug("reading a forwarded gRPC deadline failed", exc_info=True)
+    return None
 
 
 def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:

@@ -87,7 +87,7 @@ class GrpcMethods:
 
     # -- MoeCluster --------------------------------------------------------------------------
 
-    @observe_grpc  # status counts; generation calls tracked (deployments/instrumentation.py)
+    @observe_grpc  # status counts; generation calls tracked (deployments.telemetry.instrumentation)
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         async def run() -> pb.GenerateResponse:
             job = await start_completion(self.core, completion_body(request))

@@ -1,6 +1,8 @@
-"""The Router deployment: one attention engine (AsyncEngine over LLMEngine) per replica, fed with
-typed requests through a streaming DeploymentHandle. The expert dispatcher is the configured
-transport (`local` until the expert-shard deployments exist)."""
+"""The EngineServer deployment: one attention engine (AsyncEngine over LLMEngine) per replica, fed
+with typed requests through a streaming DeploymentHandle. The expert dispatcher is the configured
+transport's, timed by the replica's telemetry from the start. Everything the replica reports
+(stats for readiness, KV load for request routing, autoscaling signals, metrics) is read from the
+snapshot the engine loop publishes, so none of it waits for an engine step."""
 
 from __future__ import annotations
 
@@ -15,19 +17,20 @@ from cluster.engine.stats import EngineStats
 from cluster.errors import RequestError
 from deployments.config import AppConfig, resolve_model_dir, served_name
 from deployments.errors import Unavailable, request_error
-from deployments.serving.engine_builder import build_router_engine
+from deployments.serving.engine_builder import build_engine
 from deployments.serving.request import GenerateRequest, ModelInfo
-from deployments.telemetry.instrumentation import RouterInstrumentation
+from deployments.telemetry.engine_instrumentation import EngineInstrumentation
 
 logger = logging.getLogger("ray.serve")
 
 
-class Router:
+class EngineServer:
     def __init__(self, config: AppConfig) -> None:
         model_dir = resolve_model_dir(config.model)
-        engine = build_router_engine(config, model_dir)
+        self._telemetry = EngineInstrumentation(config.transport)
+        engine = build_engine(config, model_dir, self._telemetry.timed)  # every expert exchange timed
         self.engine = AsyncEngine(engine)
-        self._metrics = RouterInstrumentation(self.engine, config.transport)  # times exchanges, polls stats
+        self._telemetry.start(self.engine)  # records the engine's published snapshots
         self.replica_id = _replica_id()
         self._requests = 0  # generate calls received
         self._reports = 0
@@ -35,7 +38,7 @@ class Router:
         self._info = ModelInfo(name=served_name(config, model_dir), model_dir=str(model_dir),
                                vocab_size=engine.text.vocab_size, max_model_len=engine.max_model_len,
                                has_vision=mc.vision is not None)
-        logger.info("router ready: %s (%s), max_model_len %d, %d KV blocks", self._info.name, model_dir,
+        logger.info("engine server ready: %s (%s), max_model_len %d, %d KV blocks", self._info.name, model_dir,
                     engine.max_model_len, engine.blocks.num_blocks)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
@@ -57,7 +60,12 @@ class Router:
         self.engine.abort(request_id)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The engine's stats as of its latest step, add or abort (what readiness and
+        `/v1/engine/stats` ask): answered at once, even in the middle of a long step; Unavailable
+        once the engine loop has stopped."""
+        if not self.engine.alive:
+            raise Unavailable(f"engine loop stopped: {self.engine.error!r}")
+        return self.engine.snapshot.stats
 
     def info(self) -> ModelInfo:
         return self._info
@@ -66,7 +74,7 @@ class Router:
         """Called by Serve's controller every `routing.stats_period_s`; the KV-aware request router
         (deployments.serving.request_router) reads it in every handle. Never waits for an engine step: the
         engine loop publishes its KV load after every change."""
-        load = self.engine.load
+        load = self.engine.snapshot.load
         self._reports += 1
         return {"replica": self.replica_id, "seq": self._reports, "time": time.time(),
                 "free_blocks": load.available_blocks, "total_blocks": load.total_blocks,
@@ -74,8 +82,9 @@ class Router:
                 "requests": self._requests}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """KV use and waiting queue for deployments.telemetry.autoscaling.RouterAutoscalingPolicy."""
-        return self._metrics.autoscaling_stats()
+        """The signals of deployments.telemetry.autoscaling.EngineAutoscalingPolicy (KV use, waiting
+        queue, expert load, exchange latency), from the published snapshot."""
+        return self._telemetry.autoscaling_stats()
 
     def check_health(self) -> None:
         """Serve's health probe: a dead engine loop marks the replica unhealthy (and restarted)."""
@@ -83,8 +92,8 @@ class Router:
             raise RuntimeError(f"engine loop stopped: {self.engine.error!r}")
 
     def __del__(self) -> None:
-        if getattr(self, "_metrics", None) is not None:
-            self._metrics.stop()
+        if getattr(self, "_telemetry", None) is not None:
+            self._telemetry.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

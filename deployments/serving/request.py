@@ -1,5 +1,5 @@
-"""The typed request that travels from the ingress to a router, and what a router says about its
-model. Frozen dataclasses: pickled across Ray hops, never validated twice."""
+"""The typed request that travels from the ingress to an engine server, and what an engine server
+says about its model. Frozen dataclasses: pickled across Ray hops, never validated twice."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""KV-aware request routing to router replicas: a Ray Serve custom request router.
+"""KV-aware request routing to EngineServer replicas: a Ray Serve custom request router.
 
-Every router replica reports its KV state through `Router.record_routing_stats()`, which Serve's
+Every engine replica reports its KV state through `EngineServer.record_routing_stats()`, which Serve's
 controller calls every `routing.stats_period_s` (0.5 s by default) and broadcasts to every
 DeploymentHandle when it changes; a report carries a sequence number and the replica's clock, so
-each one is a change. In each handle (the ingress replicas, the benchmark's driver), this router
+each one is a change. In each handle (the ingress replicas, the benchmark's driver), this request router
 ranks the replicas by their free KV blocks net of what the prompts already there will still take,
 minus what this handle routed to them since their last report (a burst must not herd onto the
 replica that looked emptiest a moment ago). Replicas without a fresh report (just started, or
@@ -11,7 +11,7 @@ slower to report than `stale_after_s`) come last, together, where Serve's queue-
 decides. Each rank holds one replica, so a full replica (max_ongoing_requests) falls through to
 the next.
 
-Configured on the Router deployment (deployments/app.py):
+Configured on the EngineServer deployment (deployments/app.py):
 
     request_router_config=RequestRouterConfig(
         request_router_class="deployments.serving.request_router:KVAwareRequestRouter",
@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-ROUTER_CLASS = "deployments.serving.request_router:KVAwareRequestRouter"
+REQUEST_ROUTER_CLASS = "deployments.serving.request_router:KVAwareRequestRouter"
 # A request routed this long before a report's clock is taken to be in it; the margin covers
 # the hop to the replica (a request still in flight is counted twice for a moment, never zero).
 IN_REPORT_MARGIN_S = 0.05
@@ -132,7 +132,7 @@ def request_tokens(pending_request: PendingRequest | None) -> int | None:
 
 
 class KVAwareRequestRouter(FIFOMixin, RequestRouter):
-    """Routes each `generate` call to the router replica with the most free KV blocks.
+    """Routes each `generate` call to the engine replica with the most free KV blocks.
 
     A burst is counted as it is routed: the choice itself counts the request at the replica it
     ranked first (the routing tasks of a burst all choose before the first request is sent), and
@@ -198,8 +198,8 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
         self.decisions.append((getattr(pending_request.args[0], "request_id", "?"), replica_id.unique_id))
 
 
-def router_deployment_options(settings: Any) -> dict[str, Any]:
-    """The Router deployment's `request_router_config` option for a RoutingSettings."""
+def request_router_options(settings: Any) -> dict[str, Any]:
+    """The EngineServer deployment's `request_router_config` option for a RoutingSettings."""
     from ray.serve.config import RequestRouterConfig
 
     if not settings.kv_aware:
@@ -207,6 +207,6 @@ def router_deployment_options(settings: Any) -> dict[str, Any]:
             request_routing_stats_period_s=settings.stats_period_s,
             request_routing_stats_timeout_s=settings.stats_timeout_s)}
     return {"request_router_config": RequestRouterConfig(
-        request_router_class=ROUTER_CLASS, request_router_kwargs={"stale_after_s": settings.stale_after_s},
+        request_router_class=REQUEST_ROUTER_CLASS, request_router_kwargs={"stale_after_s": settings.stale_after_s},
         request_routing_stats_period_s=settings.stats_period_s,
         request_routing_stats_timeout_s=settings.stats_timeout_s)}

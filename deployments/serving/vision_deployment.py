@@ -1,10 +1,10 @@
 """The VisionEncoder deployment: the Pixtral tower and projector (cluster.model.vision.VisionEncoder) in
-their own replicas, so neither the ingress nor the routers carry them. Images of concurrent
+their own replicas, so neither the ingress nor the engine servers carry them. Images of concurrent
 requests are batched with `@serve.batch` into one tower call; each request gets back its images'
 embeddings [N_i, H] in order (on the CPU, in the tower's dtype: fp32 on CPUs, bf16 on GPUs).
 
 The ingress sends preprocessed images (mistral-common: resized by the Pixtral rules, normalized,
-[C, H, W] float32) and turns the embeddings into ImageRows for the router."""
+[C, H, W] float32) and turns the embeddings into ImageRows for the engine."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from cluster.errors import RequestError
 from cluster.model.config import load_model_config
 from deployments.config import AppConfig, resolve_model_dir
 from deployments.errors import BadRequest, request_error
+from deployments.telemetry.metrics import VisionMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,7 +62,7 @@ class VisionEncoderDeployment:
         self._images = 0
         self._seconds = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=BATCH_HISTORY)
-        self._metrics = _vision_metrics()
+        self._metrics = VisionMetrics()
         logger.info("vision encoder ready: %s (%s, vision tower: %s)", model_dir, self.device, self.has_vision)
 
     async def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
@@ -95,11 +96,10 @@ class VisionEncoderDeployment:
             self._images += len(flat)
             self._seconds += seconds
             self._recent.append({"requests": len(requests), "images": len(flat), "seconds": seconds})
-        if self._metrics is not None:
-            try:
-                self._metrics.observe_encoder(seconds)
-            except Exception:  # noqa: BLE001 - metrics never fail a batch
-                logger.debug("vision metrics failed", exc_info=True)
+        try:
+            self._metrics.observe_encoder(seconds)
+        except Exception:  # noqa: BLE001 - metrics never fail a batch
+            logger.debug("vision metrics failed", exc_info=True)
         return out
 
     def _run_tower(self, images: list[np.ndarray]) -> list[Any]:
@@ -120,15 +120,6 @@ class VisionEncoderDeployment:
 
     def info(self) -> dict[str, Any]:
         return {"has_vision": self.has_vision, "image_token_id": self.image_token_id, "device": self.device}
-
-
-def _vision_metrics() -> Any:
-    try:
-        from deployments.telemetry.metrics import VisionMetrics
-
-        return VisionMetrics()
-    except Exception:  # noqa: BLE001 - metrics are optional
-        return None
 
 
 class VisionClient:

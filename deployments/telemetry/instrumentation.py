@@ -1,19 +1,15 @@
-"""Where the serving layers record the series of `deployments.telemetry.metrics`, kept out of the request code
-so that each hook there is one line:
+"""Where the ingress records the series of `deployments.telemetry.metrics` for each request, kept
+out of the request code so that each hook there is one line:
 
-- Router replica: `RouterInstrumentation` times every expert exchange (`TimedDispatcher` around the
-  engine's dispatcher), polls the engine's stats, expert token counts and shard health on a daemon
-  thread (`RouterMetrics`), and answers Serve's `record_autoscaling_stats()` with the KV use and
-  waiting queue that `deployments.telemetry.autoscaling.RouterAutoscalingPolicy` scales on.
-- Ingress, per request: `RequestTracker` (time to first token, inter-token latency, end-to-end
-  latency, finish reason, aborts by cause). The HTTP middleware and the gRPC method wrapper start
-  one per call and close it when the call ends; `EngineClient.open` hands every engine stream it
-  opens to the current tracker (`observe_stream`, through a context variable), so the request
-  code itself carries nothing.
-- Ingress, API: `HttpMetricsMiddleware` (status counts by route template, never the raw path) and
-  `observe_grpc` (status counts by method).
-- Images: `deployments.frontend.images.ImagePipeline` (preprocessing, per image) and the VisionEncoder
-  deployment (per batch) record through their own `VisionMetrics`.
+- Per request: `RequestTracker` (time to first token, inter-token latency, finish reason or abort
+  cause). The HTTP middleware and the gRPC method wrapper start one per call and close it when
+  the call ends; `EngineClient.open` hands every engine stream it opens to the current tracker
+  (`observe_stream`, through a context variable), so the request code itself carries nothing.
+- gRPC: `observe_grpc` counts each call's status by method (Serve's own gRPC counts take a unary
+  call that set an error code for OK). HTTP status counts and end-to-end latency per route are Ray
+  Serve's own (`ray_serve_num_http_requests_total`, `ray_serve_http_request_latency_ms`).
+- Engine replicas: `deployments.telemetry.engine_instrumentation`. Images: the ImagePipeline
+  and the VisionEncoder deployment record through `VisionMetrics`.
 
 Metrics never fail a request: every recording here swallows its own errors (logged at debug).
 """
@@ -31,24 +27,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from deployments.telemetry.metrics import (
-    ApiMetrics,
-    MetricSet,
-    RequestMetrics,
-    RouterMetrics,
-    TimedDispatcher,
-)
+from deployments.grpc.proxy_fix import forwarded_deadline
+from deployments.telemetry.metrics import GrpcMetrics, MetricSet, RequestMetrics
 
 logger = logging.getLogger("ray.serve")
 
-ROUTER_POLL_INTERVAL_S = 5.0  # Ray exports every ~10 s; polling faster only costs lock time
-UNMATCHED_ROUTE = "<unmatched>"  # the route label of a path no route matches (bounded cardinality)
 CLIENT_CLOSED = 499  # the HTTP code recorded when the client went away before a response started
 GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "Chat", "ChatStream"})
 CHAT_METHODS = frozenset({"Chat", "ChatStream"})
-CHAT_ROUTES = frozenset({"/v1/chat/completions"})
-# Set by Serve's gRPC proxy (deployments.grpc.proxy_fix): the client's deadline, Unix seconds.
-DEADLINE_METADATA = "x-moe-cluster-deadline"  # = deployments.grpc.proxy_fix.DEADLINE_METADATA
+CHAT_PATH = "/chat/completions"
 DEADLINE_SLACK_S = 0.05
 
 
@@ -58,80 +45,6 @@ def _quiet(what: str) -> Iterator[None]:
         yield
     except Exception:  # noqa: BLE001 - metrics never fail a request
         logger.debug("metrics: %s failed", what, exc_info=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Router
-# ---------------------------------------------------------------------------------------------
-
-class _LockedEngine:
-    """What `RouterMetrics.poll` reads, each read under the engine loop's lock (the loop thread
-    mutates the scheduler, the block manager and the expert counters while it steps)."""
-
-    def __init__(self, async_engine: Any) -> None:
-        self._async = async_engine
-
-    @property
-    def _lock(self) -> Any:
-        return getattr(self._async, "_lock", None) or contextlib.nullcontext()
-
-    def stats(self) -> Any:
-        return self._async.stats()
-
-    @property
-    def counters(self) -> Any:
-        return self._async.engine.counters
-
-    @property
-    def dispatcher(self) -> Any:
-        return _LockedCounts(self._async.engine.dispatcher, self._lock)
-
-
-class _LockedCounts:
-    def __init__(self, dispatcher: Any, lock: Any) -> None:
-        self._dispatcher, self._lock_ = dispatcher, lock
-
-    def token_counts(self) -> Any:
-        with self._lock_:
-            return {layer: c.clone() if hasattr(c, "clone") else list(c)
-                    for layer, c in self._dispatcher.token_counts().items()}
-
-    def __getattr__(self, name: str) -> Any:  # shard health reads the dispatcher itself
-        return getattr(self._dispatcher, name)
-
-
-class RouterInstrumentation:
-    """A router replica's metrics. Create it once the engine is built: it wraps the engine's
-    dispatcher in a `TimedDispatcher` (exchange latency, per transport) and starts polling;
-    `autoscaling_stats()` is what `Router.record_autoscaling_stats()` returns; `stop()` on
-    shutdown."""
-
-    def __init__(self, async_engine: Any, transport: str, interval_s: float = ROUTER_POLL_INTERVAL_S,
-                 metrics: MetricSet | None = None, start: bool = True) -> None:
-        self.async_engine = async_engine
-        self.metrics = RouterMetrics(metrics, transport=transport)
-        engine = async_engine.engine
-        if not isinstance(engine.dispatcher, TimedDispatcher):
-            engine.dispatcher = TimedDispatcher(engine.dispatcher, self.metrics.experts)
-        self.view = _LockedEngine(async_engine)
-        if start:
-            self.metrics.start(self.view, interval_s)
-
-    def poll(self) -> Any:
-        return self.metrics.poll(self.view)
-
-    def autoscaling_stats(self) -> dict[str, float]:
-        """KV use, waiting and running sequences from the KV load the engine loop publishes after
-        every change (never waits for a step), and the expert load and exchange latency of the
-        latest metrics poll (absent until the first)."""
-        from deployments.telemetry.autoscaling import router_autoscaling_stats
-
-        load = getattr(self.async_engine, "load", None)
-        stats = router_autoscaling_stats(load if load is not None else self.async_engine.stats())
-        return {**stats, **self.metrics.expert_signals}
-
-    def stop(self) -> None:
-        self.metrics.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +66,7 @@ class RequestTracker:
     then counted as aborted, by cause: `deadline` (its deadline passed, or the call ended with a
     timeout), `client` (cancelled, or the response ended early without an error), `error` (a server
     error, or an error sent in-band in a stream). A request refused before it reached the engine
-    (4xx, 429, no stream opened) is not counted here; the API status counters have it."""
+    (4xx, 429, no stream opened) is not counted here; Serve's status counters have it."""
 
     def __init__(self, deadline_at: float | None = None, tool_calls_id: int | None = None,
                  metrics: MetricSet | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -165,7 +78,7 @@ class RequestTracker:
         self._called: set[int] = set()  # streams whose answer has the tool-calls token
         self._open = 0
         self._reasons: list[str] = []
-        self._ended_at: float | None = None
+        self._completed = False  # every stream finished
         self._error = False
         self._lock = threading.Lock()
         self.closed = False
@@ -215,8 +128,7 @@ class RequestTracker:
                 if reason == "stop" and index in self._called:
                     reason = "tool_calls"
                 self._reasons.append(reason)
-                if self._open == 0:
-                    self._ended_at = self._clock()
+                self._completed = self._open == 0
 
     def failed(self) -> None:
         self._error = True
@@ -230,9 +142,9 @@ class RequestTracker:
             self.closed = True
             if self.request.finished is not None or not self._tokens:
                 return self.request.finished
-            if self._ended_at is not None:
+            if self._completed:
                 reason = "tool_calls" if "tool_calls" in self._reasons else self._reasons[-1]
-                self.request.on_finish(reason, now=self._ended_at)
+                self.request.on_finish(reason)
             else:
                 cause = self._cause(exc, status)
                 if cause is not None:
@@ -299,29 +211,10 @@ def observe_stream(generator: Any) -> Any:
 # HTTP
 # ---------------------------------------------------------------------------------------------
 
-def route_template(scope: dict[str, Any]) -> str:
-    """The path template of the route a request matches (`/v1/chat/completions`), whether or
-    not routing ran (a guard may answer first); `UNMATCHED_ROUTE` for no route."""
-    route = scope.get("route")
-    if route is not None and getattr(route, "path", None):
-        return route.path
-    app = scope.get("app")
-    from starlette.routing import Match
-
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        try:
-            match, _ = candidate.matches(scope)
-        except Exception:  # noqa: BLE001 - a route that cannot match this scope
-            continue
-        if match != Match.NONE and getattr(candidate, "path", None):
-            return candidate.path
-    return UNMATCHED_ROUTE
-
-
 class HttpMetricsMiddleware:
-    """Outermost ASGI middleware of the ingress app: counts every response by route template and
-    status (`CLIENT_CLOSED` when the client left before one started, 500 when the app raised), and
-    tracks each request that reaches the engine (`RequestTracker`; chat routes count tool calls).
+    """Outermost ASGI middleware of the ingress app: tracks each request that reaches the engine
+    (`RequestTracker`; chat completions count tool calls) and closes it with the response's
+    status (`CLIENT_CLOSED` when the client left before one started, 500 when the app raised).
     `get_tool_calls_id()` gives the tokenizer's `[TOOL_CALLS]` id (None: not counted apart)."""
 
     def __init__(self, app: Any, deadline_s: float | None = None,
@@ -330,7 +223,6 @@ class HttpMetricsMiddleware:
         self.deadline_s = deadline_s
         self.get_tool_calls_id = get_tool_calls_id
         self.metrics = metrics
-        self._api: ApiMetrics | None = None
 
     def _tool_calls_id(self) -> int | None:
         with _quiet("tool call token"):
@@ -341,10 +233,9 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = route_template(scope)
-        tracker = RequestTracker.begin(
-            self.deadline_s, tool_calls_id=self._tool_calls_id() if route in CHAT_ROUTES else None,
-            metrics=self.metrics)
+        chat = str(scope.get("path", "")).endswith(CHAT_PATH)
+        tracker = RequestTracker.begin(self.deadline_s, tool_calls_id=self._tool_calls_id() if chat else None,
+                                       metrics=self.metrics)
         status: int | None = None
 
         async def send_observed(message: dict[str, Any]) -> None:
@@ -363,10 +254,6 @@ class HttpMetricsMiddleware:
             if status is None:
                 status = CLIENT_CLOSED if isinstance(error, asyncio.CancelledError) else 500
             tracker.close(error, status)
-            with _quiet("http status"):
-                if self._api is None:
-                    self._api = ApiMetrics(self.metrics)
-                self._api.http(route, status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,14 +279,6 @@ def grpc_code_name(grpc_context: Any, exc: BaseException | None = None) -> str:
     return "UNKNOWN" if exc is not None else "OK"
 
 
-def _deadline_unix(grpc_context: Any) -> float | None:
-    with _quiet("grpc deadline"):
-        for key, value in grpc_context.invocation_metadata() or ():
-            if key == DEADLINE_METADATA:
-                return float(value)
-    return None
-
-
 def _grpc_tracker(self: Any, method: str, grpc_context: Any) -> RequestTracker | None:
     if method not in GENERATION_METHODS:
         return None
@@ -408,24 +287,24 @@ def _grpc_tracker(self: Any, method: str, grpc_context: Any) -> RequestTracker |
     if method in CHAT_METHODS:
         with _quiet("tool call token"):
             tool_calls_id = self.core.tokenizer.tool_calls_id
-    return RequestTracker.begin(config.request_timeout_s, _deadline_unix(grpc_context), tool_calls_id)
+    return RequestTracker.begin(config.request_timeout_s, forwarded_deadline(grpc_context), tool_calls_id)
 
 
 def _grpc_done(method: str, grpc_context: Any, tracker: RequestTracker | None, exc: BaseException | None) -> None:
     code = grpc_code_name(grpc_context, exc)
     if code == "CANCELLED":  # the proxy cancels a call whose deadline passed: say which it was
-        deadline = _deadline_unix(grpc_context)
+        deadline = forwarded_deadline(grpc_context)
         if deadline is not None and time.time() >= deadline - DEADLINE_SLACK_S:
             code = "DEADLINE_EXCEEDED"
     if tracker is not None:
         tracker.close(exc, _GRPC_AS_HTTP.get(code, 500))
     with _quiet("grpc status"):
-        ApiMetrics().grpc(method, code)
+        GrpcMetrics().response(method, code)
 
 
 def observe_grpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates an ingress gRPC method (unary or server streaming; `self.core` is its
-    IngressCore): counts its status by method name and tracks generation calls."""
+    IngressCore): counts its status by method name and tracks generation calls as requests."""
     name = method.__name__
 
     if inspect.isasyncgenfunction(method):

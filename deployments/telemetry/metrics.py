@@ -1,4 +1,11 @@
-"""The cluster's Prometheus series, exported through Ray's metrics pipeline.
+"""The cluster's own Prometheus series, exported through Ray's metrics pipeline.
+
+Only what Ray Serve does not export already: Serve counts requests and their latency per
+deployment and per route (`ray_serve_num_http_requests_total`, `ray_serve_http_request_latency_ms`,
+`ray_serve_deployment_processing_latency_ms`, ...), so the project adds the engine's state, token
+timing, finish reasons, the expert exchange, images and the autoscaling policies' decisions, which
+Serve cannot see, and gRPC status codes, which Serve's proxy records as OK for a unary call that
+answered with an error code on its context.
 
 Every series is defined once in `METRICS` (name, kind, description, tags, buckets): that registry
 creates the Ray metrics (`ray.serve.metrics` inside Serve replicas, which adds the `deployment`,
@@ -9,30 +16,30 @@ alert rules and the dashboards to. Ray exports a metric named `moe_cluster_x` as
 The recorders are small classes over a `MetricSet`; they hold no Ray state of their own, so the
 tests drive them with a fake factory:
 
-- `EngineMetrics.observe_stats(EngineStats)`: gauges from a snapshot, counter increments from the
-  growth of the snapshot's monotonic counters since the previous one.
+- `EngineMetrics.observe(EngineSnapshot)`: gauges from the engine's published snapshot, counter
+  increments from the growth of its monotonic counters since the previous one, re-form times,
+  and the expert series (`ExpertMetrics`).
 - `RequestMetrics`: one per request: `on_first_token`, `on_token`, `on_finish(reason)`.
 - `ExpertMetrics.observe_token_counts({layer: counts[E]})`: per-(layer, expert) increments and an
   imbalance gauge per layer (max / mean tokens over the experts since the previous observation).
-- `RouterMetrics.poll(engine)` / `.start(engine)`: all of a router's engine-side series from an
-  `LLMEngine`, polled; `TimedDispatcher` wraps the engine's dispatcher to time each exchange.
-- `VisionMetrics`, `ApiMetrics`, `AutoscalingMetrics`.
+- `VisionMetrics`, `GrpcMetrics`, `AutoscalingMetrics`.
 
-Nothing here imports torch or starts Ray: metrics are created lazily, on first record.
+Recording only: nothing here computes an autoscaling input (`deployments.telemetry.signals` does)
+or reads an engine (`deployments.telemetry.engine_instrumentation` hands it snapshots). Nothing
+here imports torch or starts Ray: metrics are created lazily, on first record.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from cluster.engine.stats import EngineStats
+    from cluster.engine.stats import EngineSnapshot, EngineStats
 
 PREFIX = "moe_cluster_"
 RAY_PREFIX = "ray_"
@@ -46,7 +53,6 @@ Kind = Literal["counter", "gauge", "histogram"]
 # Bucket boundaries, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 EXCHANGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 IMAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 VISION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -67,7 +73,7 @@ class MetricDef:
     description: str
     tags: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
-    recorder: str = "router"  # the component that records it (documentation)
+    recorder: str = "engine"  # the component that records it (documentation)
 
     def __post_init__(self) -> None:
         if not self.name.startswith(PREFIX):
@@ -92,64 +98,54 @@ class MetricDef:
 
 
 def _m(name: str, kind: Kind, description: str, tags: tuple[str, ...] = (), buckets: tuple[float, ...] = (),
-       recorder: str = "router") -> MetricDef:
+       recorder: str = "engine") -> MetricDef:
     return MetricDef(PREFIX + name, kind, description, tags, buckets, recorder)
 
 
 METRICS: tuple[MetricDef, ...] = (
-    # Engine (router replica), from EngineStats snapshots.
-    _m("requests_running", "gauge", "Sequences in the router's running batch.", recorder="router"),
-    _m("requests_waiting", "gauge", "Sequences waiting for admission (KV blocks or batch slots).",
-       recorder="router"),
-    _m("kv_blocks_used", "gauge", "Paged KV cache blocks in use.", recorder="router"),
-    _m("kv_blocks_capacity", "gauge", "Paged KV cache blocks of the replica (used + free).", recorder="router"),
-    _m("kv_usage_ratio", "gauge", "KV blocks used / total (0..1): the router's autoscaling signal.",
-       recorder="router"),
-    _m("prompt_tokens_total", "counter", "Prompt tokens admitted.", recorder="router"),
-    _m("generation_tokens_total", "counter", "Tokens generated.", recorder="router"),
-    _m("preemptions_total", "counter", "Sequences preempted (KV blocks freed, recomputed later).",
-       recorder="router"),
-    _m("forward_calls_total", "counter", "Model forward passes (engine steps that ran the model).",
-       recorder="router"),
-    _m("group_reforms_total", "counter", "Expert-parallel group re-formations after a failed exchange.",
-       recorder="router"),
+    # Engine (EngineServer replica), from the engine's published snapshots.
+    _m("requests_running", "gauge", "Sequences in the engine's running batch."),
+    _m("requests_waiting", "gauge", "Sequences waiting for admission (KV blocks or batch slots)."),
+    _m("kv_blocks_used", "gauge", "Paged KV cache blocks in use."),
+    _m("kv_blocks_capacity", "gauge", "Paged KV cache blocks of the replica (used + free)."),
+    _m("kv_usage_ratio", "gauge", "KV blocks used / total (0..1): what the engine autoscaling policy scales on."),
+    _m("prompt_tokens_total", "counter", "Prompt tokens admitted."),
+    _m("generation_tokens_total", "counter", "Tokens generated."),
+    _m("preemptions_total", "counter", "Sequences preempted (KV blocks freed, recomputed later)."),
+    _m("forward_calls_total", "counter", "Model forward passes (engine steps that ran the model)."),
+    _m("group_reforms_total", "counter", "Expert-parallel group re-formations after a failed exchange."),
     _m("group_reform_seconds", "histogram", "Time one expert-parallel group re-formation took.",
-       buckets=REFORM_BUCKETS, recorder="router"),
-    # Requests (ingress), one RequestMetrics per request.
+       buckets=REFORM_BUCKETS),
+    # Requests (ingress), one RequestMetrics per request. Serve's ray_serve_*_request_latency_ms
+    # has the end-to-end latency per route and status.
     _m("time_to_first_token_seconds", "histogram", "Request arrival to its first generated token.",
        buckets=TTFT_BUCKETS, recorder="ingress"),
     _m("inter_token_latency_seconds", "histogram", "Gap between consecutive generated tokens of a request.",
        buckets=ITL_BUCKETS, recorder="ingress"),
-    _m("e2e_request_latency_seconds", "histogram", "Request arrival to its last token (completed requests).",
-       buckets=E2E_BUCKETS, recorder="ingress"),
     _m("requests_finished_total", "counter",
        "Requests ended, by reason: stop, length, tool_calls, or an abort cause (client, deadline, error).",
        tags=("reason",), recorder="ingress"),
-    _m("aborts_total", "counter", "Requests aborted before completion, by cause: client, deadline, error.",
-       tags=("cause",), recorder="ingress"),
     # Expert parallelism.
     _m("expert_exchange_latency_seconds", "histogram",
-       "One MoE layer's token exchange (dispatch + expert compute + combine) as the router sees it.",
-       tags=("transport",), buckets=EXCHANGE_BUCKETS, recorder="router"),
+       "One MoE layer's token exchange (dispatch + expert compute + combine) as the engine sees it.",
+       tags=("transport",), buckets=EXCHANGE_BUCKETS),
     _m("expert_tokens_total", "counter", "Routed (token, expert) assignments, per MoE layer and expert.",
-       tags=("layer", "expert"), recorder="router"),
+       tags=("layer", "expert")),
     _m("expert_imbalance_ratio", "gauge",
        "Per MoE layer: tokens of the busiest expert / mean tokens per expert, since the previous "
-       "observation (1 = perfectly balanced).", tags=("layer",), recorder="router"),
-    _m("shard_up", "gauge", "Expert shard health as the router's dispatcher sees it: 1 up, 0 down.",
-       tags=("rank",), recorder="router"),
+       "observation (1 = perfectly balanced).", tags=("layer",)),
+    _m("shard_up", "gauge", "Expert shard health as the engine's dispatcher sees it: 1 up, 0 down.",
+       tags=("rank",)),
+    # gRPC status: Serve's ray_serve_num_grpc_requests_total counts a unary call that set an error
+    # code on its context (how the ingress refuses) as OK; HTTP statuses are Serve's alone.
+    _m("grpc_responses_total", "counter",
+       "gRPC calls by method and the status code name the ingress answered with (DEADLINE_EXCEEDED: cancelled "
+       "at the client's deadline).", tags=("method", "code"), recorder="ingress"),
     # Images.
     _m("image_preprocess_seconds", "histogram", "Fetch, check, decode and resize of one image.",
        buckets=IMAGE_BUCKETS, recorder="ingress"),
     _m("vision_encoder_seconds", "histogram", "One vision encoder batch (all images of the batch).",
        buckets=VISION_BUCKETS, recorder="vision"),
-    # API.
-    _m("http_responses_total", "counter",
-       "HTTP responses by route template (`<unmatched>`: no route) and status code (499: the client left "
-       "before a response started).", tags=("route", "code"), recorder="ingress"),
-    _m("grpc_responses_total", "counter",
-       "gRPC calls by method and status code name (DEADLINE_EXCEEDED: cancelled at the client's deadline).",
-       tags=("method", "code"), recorder="ingress"),
     # Autoscaling (recorded by the project's policies in the Serve controller).
     _m("autoscaling_wanted_replicas", "gauge",
        "Replicas the policy wants before its bounds (above max_replicas: at the ceiling).",
@@ -276,14 +272,21 @@ _STATS_COUNTERS = (
 
 
 class EngineMetrics:
-    """Exports a router's EngineStats snapshots. Counters grow by the difference to the previous
+    """Exports an engine's published snapshots. Counters grow by the difference to the previous
     snapshot; a value below the previous one means a new engine (counted from zero again)."""
 
-    def __init__(self, metrics: MetricSet | None = None) -> None:
+    def __init__(self, metrics: MetricSet | None = None, transport: str = "local", per_expert: bool = True) -> None:
         self.metrics = metrics or default_metric_set()
+        self.experts = ExpertMetrics(self.metrics, per_expert=per_expert, transport=transport)
         self._previous: dict[str, int] = {}
         self._reforms_seen = 0
         self._lock = threading.Lock()
+
+    def observe(self, snapshot: EngineSnapshot) -> None:
+        """Everything of one snapshot: stats, re-forms, expert token counts."""
+        self.observe_stats(snapshot.stats)
+        self.observe_reforms(snapshot.reform_seconds)
+        self.experts.observe_token_counts(snapshot.expert_tokens)
 
     def observe_stats(self, stats: EngineStats) -> None:
         m = self.metrics
@@ -301,7 +304,7 @@ class EngineMetrics:
                 m.inc(counter, delta)
 
     def observe_reforms(self, reforms: Sequence[float]) -> None:
-        """`LLMEngine.counters.reforms`: seconds of every re-form so far; records the new ones."""
+        """Seconds of every re-form so far (oldest first); records the new ones."""
         with self._lock:
             if len(reforms) < self._reforms_seen:  # a new engine
                 self._reforms_seen = 0
@@ -351,16 +354,11 @@ class RequestMetrics:
             self.tokens += count
         self.last_token_at = now
 
-    def on_finish(self, reason: str, now: float | None = None) -> None:
+    def on_finish(self, reason: str) -> None:
         if self.finished is not None:
             return
         self.finished = reason = _reason(reason)
         self.metrics.inc("requests_finished_total", tags={"reason": reason})
-        if reason in ABORT_CAUSES:
-            self.metrics.inc("aborts_total", tags={"cause": reason})
-        else:
-            now = self._clock() if now is None else now
-            self.metrics.observe("e2e_request_latency_seconds", now - self.started)
 
 
 def _reason(reason: str | None) -> str:
@@ -380,9 +378,9 @@ def _as_list(counts: Any) -> list[float]:
 
 
 class ExpertMetrics:
-    """Expert load and the exchange: `observe_token_counts` takes `Dispatcher.token_counts()` (totals
-    since start, per layer); `per_expert=False` keeps only the imbalance gauges (36 x 128 series
-    per router for the real model otherwise)."""
+    """Expert load and the exchange: `observe_token_counts` takes the per-layer totals since start
+    of an engine snapshot; `per_expert=False` keeps only the imbalance gauges (36 x 128 series per
+    engine replica for the real model otherwise)."""
 
     def __init__(self, metrics: MetricSet | None = None, per_expert: bool = True,
                  transport: str = "local") -> None:
@@ -391,11 +389,6 @@ class ExpertMetrics:
         self.transport = transport
         self._previous: dict[int, list[float]] = {}
         self._lock = threading.Lock()
-        # For the autoscaling signals: routed (token, expert) pairs since start, and the exchange
-        # seconds and count since the last `autoscaling_signals()` read.
-        self._assignments = 0.0
-        self._exchange_seconds, self._exchanges = 0.0, 0
-        self._load_meter: Any = None
 
     def observe_token_counts(self, counts: Mapping[int, Any]) -> dict[int, float]:
         """Records the growth since the previous call; returns the imbalance per layer that moved."""
@@ -408,8 +401,6 @@ class ExpertMetrics:
                     before = [0.0] * len(now)
                 self._previous[layer] = now
             delta = [a - b for a, b in zip(now, before, strict=True)]
-            with self._lock:
-                self._assignments += sum(delta)
             if self.per_expert:
                 for expert, d in enumerate(delta):
                     self.metrics.inc("expert_tokens_total", d, tags={"layer": str(layer), "expert": str(expert)})
@@ -421,31 +412,10 @@ class ExpertMetrics:
 
     def observe_exchange(self, seconds: float) -> None:
         self.metrics.observe("expert_exchange_latency_seconds", seconds, tags={"transport": self.transport})
-        with self._lock:
-            self._exchange_seconds += seconds
-            self._exchanges += 1
 
-    def autoscaling_signals(self, num_shards: int, now: float) -> dict[str, float]:
-        """The expert signals a router replica reports to the autoscaler: routed assignments per
-        second per shard and the mean exchange latency, both since the previous call (0 when the
-        router was idle). Call it after `observe_token_counts` in each poll."""
-        from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, ExpertLoadMeter
-
-        with self._lock:
-            if self._load_meter is None or self._load_meter.num_shards != max(1, num_shards):
-                self._load_meter = ExpertLoadMeter(num_shards)
-            load = self._load_meter.update(self._assignments, now)
-            latency = self._exchange_seconds / self._exchanges if self._exchanges else 0.0
-            self._exchange_seconds, self._exchanges = 0.0, 0
-        return {EXPERT_LOAD_KEY: float(load), EXCHANGE_LATENCY_KEY: float(latency)}
-
-    def set_shard_health(self, rank: int, up: bool) -> None:
-        self.metrics.set("shard_up", 1.0 if up else 0.0, tags={"rank": str(rank)})
-
-    def set_shards_health(self, health: Mapping[int, bool] | Iterable[bool]) -> None:
-        items = health.items() if isinstance(health, Mapping) else enumerate(health)
-        for rank, up in items:
-            self.set_shard_health(rank, bool(up))
+    def set_shards_health(self, health: Mapping[int, bool]) -> None:
+        for rank, up in health.items():
+            self.metrics.set("shard_up", 1.0 if up else 0.0, tags={"rank": str(rank)})
 
 
 def imbalance_ratio(tokens: Sequence[float]) -> float | None:
@@ -458,112 +428,11 @@ def imbalance_ratio(tokens: Sequence[float]) -> float | None:
     return max(tokens) / (total / len(tokens))
 
 
-class TimedDispatcher:
-    """Wraps an expert `Dispatcher` (duck-typed: everything is delegated) so that each MoE layer's
-    exchange is observed: `engine.dispatcher = TimedDispatcher(engine.dispatcher, expert_metrics)`.
-    `healthy` is the outcome of the latest exchange (False from a failed one until one succeeds)."""
-
-    def __init__(self, inner: Any, metrics: ExpertMetrics, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.inner = inner
-        self._metrics = metrics
-        self._clock = clock
-        self.healthy = True
-
-    def dispatch(self, *args: Any, **kwargs: Any) -> Any:
-        start = self._clock()
-        try:
-            out = self.inner.dispatch(*args, **kwargs)
-        except BaseException:
-            self.healthy = False
-            raise
-        finally:
-            self._metrics.observe_exchange(self._clock() - start)
-        self.healthy = True
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def shard_health(dispatcher: Any, ping_timeout_s: float = 2.0) -> dict[int, bool] | None:
-    """Expert shard health per rank as a router's dispatcher sees it, or None where the transport
-    has no shards of its own (`local`: the experts live in the router process):
-    `dispatcher.shard_health()` if it has one; Ray actor shards (`shards`, each with `ping`) that
-    answer a ping within `ping_timeout_s`; else the ranks of its placement, up while its latest
-    exchange succeeded (`TimedDispatcher.healthy`; the DeepSpeed transport)."""
-    report = getattr(dispatcher, "shard_health", None)
-    if callable(report):
-        return {int(rank): bool(up) for rank, up in dict(report()).items()}
-    healthy = bool(getattr(dispatcher, "healthy", True))
-    shards = getattr(dispatcher, "shards", None)
-    if shards and all(hasattr(getattr(s, "ping", None), "remote") for s in shards):
-        import ray
-
-        refs = [s.ping.remote() for s in shards]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ping_timeout_s)
-        health = {}
-        for rank, ref in enumerate(refs):
-            try:
-                health[rank] = ref in ready and bool(ray.get(ref, timeout=0))
-            except Exception:  # noqa: BLE001 - a dead actor or a failed ping: down
-                health[rank] = False
-        return health
-    ranks = getattr(getattr(dispatcher, "placement", None), "num_ranks", None)
-    if shards is None and isinstance(ranks, int) and ranks > 0:
-        return dict.fromkeys(range(ranks), healthy)
-    return None
-
-
-class RouterMetrics:
-    """Everything a router replica exports from its engine, polled: `poll(engine)` reads
-    `engine.stats()`, `engine.counters.reforms`, `engine.dispatcher.token_counts()` and the shard
-    health (`shard_health`) of `engine.dispatcher` (an `LLMEngine`; each part optional) and records
-    them; `start(engine)` polls on a daemon thread every `interval_s` until `stop()`."""
-
-    def __init__(self, metrics: MetricSet | None = None, transport: str = "local", per_expert: bool = True) -> None:
-        self.metrics = metrics or default_metric_set()
-        self.engine = EngineMetrics(self.metrics)
-        self.experts = ExpertMetrics(self.metrics, per_expert=per_expert, transport=transport)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.expert_signals: dict[str, float] = {}  # the latest poll's ExpertMetrics.autoscaling_signals
-
-    def poll(self, engine: Any) -> EngineStats:
-        stats = engine.stats()
-        self.engine.observe_stats(stats)
-        counters = getattr(engine, "counters", None)
-        if counters is not None and hasattr(counters, "reforms"):
-            self.engine.observe_reforms(counters.reforms)
-        dispatcher = getattr(engine, "dispatcher", None)
-        if dispatcher is not None and hasattr(dispatcher, "token_counts"):
-            self.experts.observe_token_counts(dispatcher.token_counts())
-            placement = getattr(dispatcher, "placement", None)
-            self.expert_signals = self.experts.autoscaling_signals(getattr(placement, "num_ranks", 1),
-                                                                   time.monotonic())
-        health = shard_health(dispatcher) if dispatcher is not None else None
-        if health:
-            self.experts.set_shards_health(health)
-        return stats
-
-    def start(self, engine: Any, interval_s: float = 5.0) -> None:
-        if self._thread is not None:
-            return
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.poll(engine)
-                except Exception:  # metrics never take a replica down
-                    logging.getLogger("ray.serve").warning("router metrics poll failed", exc_info=True)
-
-        self._thread = threading.Thread(target=loop, name="moe-cluster-metrics", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 class VisionMetrics:
+    """Image preprocessing at the ingress and encoder batches in the VisionEncoder deployment (made
+    at no cost: the Ray metrics are created on the first record, and the callers swallow its
+    errors)."""
+
     def __init__(self, metrics: MetricSet | None = None) -> None:
         self.metrics = metrics or default_metric_set()
 
@@ -574,18 +443,15 @@ class VisionMetrics:
         self.metrics.observe("vision_encoder_seconds", seconds)
 
 
-class ApiMetrics:
-    """Status counts. `route` is the route template (`/v1/chat/completions`), never the raw path;
-    `code` the HTTP status number or the gRPC status name (`OK`, `INVALID_ARGUMENT`, ...)."""
+class GrpcMetrics:
+    """gRPC status counts: `method` the RPC name (`Generate`), `code` a status name (`OK`,
+    `INVALID_ARGUMENT`, ...) or a `grpc.StatusCode`."""
 
     def __init__(self, metrics: MetricSet | None = None) -> None:
         self.metrics = metrics or default_metric_set()
 
-    def http(self, route: str, code: int | str) -> None:
-        self.metrics.inc("http_responses_total", tags={"route": route, "code": str(int(code))})
-
-    def grpc(self, method: str, code: Any) -> None:
-        name = getattr(code, "name", code)  # grpc.StatusCode or its name
+    def response(self, method: str, code: Any) -> None:
+        name = getattr(code, "name", code)
         self.metrics.inc("grpc_responses_total", tags={"method": method, "code": str(name).upper()})
 
 
@@ -603,21 +469,6 @@ class AutoscalingMetrics:
         for signal, value in signals.items():
             if value is not None and math.isfinite(value):
                 self.metrics.set("autoscaling_signal", value, tags={**tags, "signal": signal})
-
-
-class Stopwatch:
-    """`with Stopwatch() as sw: ...; sw.seconds` for timing a block."""
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self._clock = clock
-        self.seconds = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._start = self._clock()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = self._clock() - self._start
 
 
 # ---------------------------------------------------------------------------------------------

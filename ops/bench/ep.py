@@ -1,4 +1,4 @@
-"""Expert parallelism against the in-process engine: a router with 2 expert shards on separate
+"""Expert parallelism against the in-process engine: an engine with 2 expert shards on separate
 Ray nodes (a local `ray.cluster_utils.Cluster`, one `expert_slot` per worker node), for each
 distributed transport, in one run, on the same checkpoint.
 
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> str:
                 rates.setdefault(name, {})[side] = _throughput(llm, reqs, sampling)
                 print(f"{name:>20} {side:>10}: {rates[name][side]:.1f} tok/s", file=sys.stderr, flush=True)
         for transport in TRANSPORTS:
-            router = sides[transport].group.router
-            exchange[transport] = {t: ray.get(router.time_exchange.remote(t, repeats)) for t in exchange_tokens}
+            engine = sides[transport].group.engine
+            exchange[transport] = {t: ray.get(engine.time_exchange.remote(t, repeats)) for t in exchange_tokens}
         in_process = {t: time_dispatch(local.engine, t, repeats) for t in exchange_tokens}
         text = local.engine.text
         for transport in TRANSPORTS:

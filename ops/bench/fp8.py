@@ -43,12 +43,12 @@ TOKEN_LOW = 1000
 class Side:
     name: str
     checkpoint: str  # "fp32" | "bf16" | "fp8"
-    cache_mib: int = 0
+    cache_fraction: float = 0.0  # the shard's dequantized-expert cache, as a share of its fp32 expert bytes
     decode: bool = True
 
 
 SIDES = (Side("fp32", "fp32"), Side("bf16", "bf16", decode=False), Side("fp8", "fp8"),
-         Side("fp8-cache", "fp8", cache_mib=64))
+         Side("fp8-cache", "fp8", cache_fraction=GOAL - 0.25))
 CHECKPOINTS = {"fp32": {"dtype": "float32", "fp8": None}, "bf16": {"dtype": "bfloat16", "fp8": None},
                "fp8": {"dtype": "float32", "fp8": "block"}}
 
@@ -81,10 +81,16 @@ def run_side(spec: dict) -> dict:
     import torch
 
     from cluster import LLM, SamplingParams
+    from cluster.experts.placement import ExpertPlacement
+    from cluster.model.config import load_model_config
 
     torch.set_num_threads(spec["threads"])
+    text = load_model_config(spec["ckpt"]).text
+    placement = ExpertPlacement.of_model(text, spec["shards"])
+    held = max(sum(len(placement.experts_of(r, layer)) for layer in text.moe_layers) for r in range(spec["shards"]))
+    cache_bytes = int(spec["cache_fraction"] * held * 3 * text.hidden_size * text.moe_intermediate_size * 4)
     t0 = time.perf_counter()
-    llm = LLM(spec["ckpt"], num_expert_shards=spec["shards"], expert_cache_bytes=spec["cache_mib"] * 2**20,
+    llm = LLM(spec["ckpt"], num_expert_shards=spec["shards"], expert_cache_bytes=cache_bytes,
               max_num_batched_tokens=512)
     load_s = time.perf_counter() - t0
     shards = llm.engine.dispatcher.shards
@@ -101,6 +107,9 @@ def run_side(spec: dict) -> dict:
         out["tokens_per_s"] = out["tokens"] / wall
         out["token_ids"] = [list(o.token_ids) for o in outs]
     out["shard_bytes"] = [s.resident_bytes() for s in shards]
+    out["cache_bytes"] = cache_bytes
+    out["cache_hits"] = sum(s.cache.hits for s in shards if s.cache is not None)
+    out["cache_misses"] = sum(s.cache.misses for s in shards if s.cache is not None)
     return out
 
 
@@ -132,13 +141,17 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, ckpts: dict
         shard = max(r["shard_bytes"])
         rate = f"{r['tokens_per_s']:,.1f}" if side.decode else "not run"
         speed = f"{r['tokens_per_s'] / fp32_rate:.2f}x" if side.decode else ""
-        label = f"{side.name} (cache {side.cache_mib} MiB per layer)" if side.cache_mib else side.name
+        label = side.name
+        if side.cache_fraction:
+            label += (f" (cache {_mib(r['cache_bytes'])} MiB per shard; {r['cache_hits']:,} hits, "
+                      f"{r['cache_misses']:,} misses)")
         lines.append(f"| {label} | {r['dtype']} | {_mib(shard)} | {shard / fp32_shard:.3f}x | {rate} | {speed} |")
-    ratio = max(max(best[s.name]["shard_bytes"]) for s in SIDES if s.checkpoint == "fp8" and not s.cache_mib)
-    verdict = "met" if ratio <= GOAL * fp32_shard else "NOT met"
+    worst = max(max(best[s.name]["shard_bytes"]) for s in SIDES if s.checkpoint == "fp8") / fp32_shard
+    verdict = "met" if worst <= GOAL else "NOT met"
     lines += ["", f"Goal: a shard's FP8 expert weights, scales and cache at most {GOAL:.2f}x its fp32 load: "
-                  f"{ratio / fp32_shard:.3f}x without a cache, {verdict}. With a cache the figure grows by what "
-                  "the cache holds (its cap is per MoE layer and shard)."]
+                  f"at most {worst:.3f}x over the FP8 sides, {verdict}. The cache side's cap "
+                  f"(`expert_cache_bytes`, per shard over its layers) is the {GOAL - 0.25:.2f}x left above "
+                  "the fp8 weights."]
     same = best["fp8"].get("token_ids") == best["fp8-cache"].get("token_ids")
     lines.append(f"The FP8 sides with and without the cache generate the same tokens: {same}.")
     return "\n".join(lines)
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for side in SIDES:
                 spec = {"ckpt": ckpts[side.checkpoint], "shards": args.shards, "threads": args.threads,
-                        "cache_mib": side.cache_mib, "decode": side.decode, "workload": args.workload}
+                        "cache_fraction": side.cache_fraction, "decode": side.decode, "workload": args.workload}
                 results[side.name].append(run_child(MODULE, side.name, spec, Path(tmp), args.threads,
                                                     timeout=600 if args.smoke else 3600))
     expected = sum(r["max_tokens"] for r in args.workload)

@@ -1,6 +1,6 @@
-"""The serving layers against the engine they wrap, on one Ray cluster with one Router replica:
+"""The serving layers against the engine they wrap, on one Ray cluster with one EngineServer replica:
 
-  handle   the Router deployment called directly through a DeploymentHandle (streaming), from
+  handle   the EngineServer deployment called directly through a DeploymentHandle (streaming), from
            this process: the engine plus Serve's replica hop, no ingress, no proxy
   http     the OpenAI API: `POST /v1/completions` with `stream: true` through Serve's HTTP proxy
            and the Ingress deployment (SSE, `return_token_ids` to count tokens exactly)
@@ -11,7 +11,7 @@ send the next, until the level's requests are done; the three paths run one afte
 each level (order rotated per level), over the same seeded requests (token-id prompts, greedy,
 EOS ignored, so every path computes the same tokens). Per path: requests/s, output tokens/s,
 time to first token and inter-token latency (p50, p99, from the client's arrival times), and the
-CPU seconds each process of the cluster spent per 1000 output tokens (router, ingress, proxies,
+CPU seconds each process of the cluster spent per 1000 output tokens (engine, ingress, proxies,
 this client), which is where the time goes.
 
 Then long-context interference, over HTTP: S streams decode; a prompt of L tokens arrives; the
@@ -130,7 +130,7 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
 def _group(pid: int, cmd: str) -> str:
     if pid == os.getpid():
         return "client"
-    for key, name in ((":Router", "router"), (":Ingress", "ingress"), ("ProxyActor", "proxy"),
+    for key, name in ((":EngineServer", "engine"), (":Ingress", "ingress"), ("ProxyActor", "proxy"),
                       ("ServeController", "controller")):
         if key in cmd:
             return name
@@ -169,7 +169,7 @@ class Clients:
         self._session = None
         self._channel = None
         self._stub = None
-        self._router = None  # DeploymentHandle of the Router deployment
+        self._engine = None  # DeploymentHandle of the EngineServer deployment
         self._n = 0
 
     async def open(self) -> None:
@@ -177,13 +177,14 @@ class Clients:
         import grpc
         from ray import serve
 
+        from deployments.app import ENGINE_DEPLOYMENT
         from deployments.protos import moe_cluster_pb2_grpc as pbg
 
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                               timeout=aiohttp.ClientTimeout(total=None))
         self._channel = grpc.aio.insecure_channel(self.grpc_target)
         self._stub = pbg.MoeClusterStub(self._channel)
-        self._router = serve.get_deployment_handle("Router", app_name=APP)
+        self._engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP)
 
     async def close(self) -> None:
         await self._session.close()
@@ -200,7 +201,7 @@ class Clients:
         req = GenerateRequest(f"bench-{os.getpid()}-{self._n}", tuple(prompt),
                               SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         sample = Sample(time.perf_counter())
-        gen = self._router.options(stream=True).generate.remote(req)
+        gen = self._engine.options(stream=True).generate.remote(req)
         try:
             async for out in gen:
                 now = time.perf_counter()
@@ -340,7 +341,7 @@ def start_cluster(args: argparse.Namespace, ckpt: Path):  # noqa: ANN201 - the A
 
     config = AppConfig(
         model=str(ckpt), app_name=APP, http_port=free_port(), grpc_port=free_port(),
-        ingress_num_cpus=0, router_num_cpus=0, vision={"num_replicas": 0},
+        ingress_num_cpus=0, engine_num_cpus=0, vision={"num_replicas": 0},
         max_ongoing_requests=256, max_queued_requests=256, max_tokens=4096,
         engine={"max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": max(max(args.concurrency),
                                                                                             args.long_streams + 1)})
@@ -395,7 +396,7 @@ def _ms(x: float) -> str:
 
 def _cpu_line(cpu: dict[str, float], tokens: int) -> str:
     per = 1000.0 / max(tokens, 1)
-    keys = ("router", "ingress", "proxy", "client", "controller", "ray")
+    keys = ("engine", "ingress", "proxy", "client", "controller", "ray")
     return ", ".join(f"{k} {cpu.get(k, 0.0) * per:.2f}" for k in keys if cpu.get(k, 0.0) * per >= 0.005)
 
 
@@ -403,7 +404,7 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
     levels: list[LevelResult] = result["levels"]
     by = {(r.path, r.concurrency): r for r in levels}
     lines = [
-        "## Serving layers: HTTP and gRPC against the Router deployment called directly",
+        "## Serving layers: HTTP and gRPC against the EngineServer deployment called directly",
         "",
         f"Command: `{command}`",
         "",
@@ -411,7 +412,7 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
         f"the whole run took {wall_s:.0f} s.",
         "",
         f"Checkpoint `{ckpt.name}` ({args.preset}), fp32 on CPUs; one Ray cluster on this machine, one Ingress and one "
-        f"Router replica (engine: {args.max_num_batched_tokens}-token steps), this process as the client of all "
+        f"EngineServer replica (engine: {args.max_num_batched_tokens}-token steps), this process as the client of all "
         "three paths. Closed loop: at each concurrency C, C clients send requests back to back; "
         f"{args.rounds} round(s) per level, the paths one after another in each (order rotated), "
         f"{args.requests_per_client} request(s) per client per round (at least {args.min_requests}), prompts "
@@ -451,7 +452,7 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
         if verdict == "missed":
             per = 1000.0 / max(http.tokens, 1)
             extra = {k: http.cpu.get(k, 0.0) * per - handle.cpu.get(k, 0.0) * 1000.0 / max(handle.tokens, 1)
-                     for k in ("ingress", "proxy", "client", "router")}
+                     for k in ("ingress", "proxy", "client", "engine")}
             lines.append("The HTTP path spends more CPU per 1000 tokens than the handle path in: "
                          + ", ".join(f"{k} +{v:.2f} s" for k, v in extra.items() if v > 0.005)
                          + " (all processes share this machine's cores with the engine).")

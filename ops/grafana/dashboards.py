@@ -5,7 +5,8 @@
 
 Import the JSON into Grafana (Dashboards > New > Import) with a Prometheus data source that scrapes
 ops/prometheus/prometheus.yml. Every query names a project series (ray_moe_cluster_*, from
-deployments/metrics.py) or a Ray Serve one (ray_serve_*); the tests parse every query with promtool.
+deployments/telemetry/metrics.py) or a Ray Serve one (ray_serve_*: HTTP request counts and latencies
+by route template and status, replicas, autoscaling); the tests parse every query with promtool.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+GENERATION_ROUTES = "/v1/chat/completions|/v1/completions"
+ABORT_REASONS = "client|deadline|error"  # finish reasons that are abort causes (deployments.telemetry.metrics)
 APP = 'application=~"$application"'
 RI = "$__rate_interval"
 
@@ -24,10 +27,12 @@ def q(expr: str, legend: str = "") -> dict[str, Any]:
     return {"expr": expr, "legendFormat": legend}
 
 
-def quantiles(series: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[dict[str, Any]]:
+def quantiles(series: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99),
+              where: str = "") -> list[dict[str, Any]]:
     extra = f"{by}, " if by else ""
     legend_by = "".join(f"{{{{{b.strip()}}}}} " for b in by.split(",") if b.strip())
-    return [q(f"histogram_quantile({x}, sum by ({extra}le) (rate({series}_bucket{{{APP}}}[{RI}])))",
+    labels = f"{APP},{where}" if where else APP
+    return [q(f"histogram_quantile({x}, sum by ({extra}le) (rate({series}_bucket{{{labels}}}[{RI}])))",
               f"{legend_by}p{int(x * 100)}") for x in qs]
 
 
@@ -95,7 +100,7 @@ def serving_overview() -> Board:
               ["moe-cluster", "serving"])
     b.row("Load")
     b.panel("Requests running", [q(f"sum by (replica) (ray_moe_cluster_requests_running{{{APP}}})", "{{replica}}")],
-            description="Sequences in each router's running batch.")
+            description="Sequences in each engine replica's running batch.")
     b.panel("Requests waiting", [q(f"sum by (replica) (ray_moe_cluster_requests_waiting{{{APP}}})", "{{replica}}")],
             description="Sequences waiting for KV blocks or a batch slot.")
     b.panel("Tokens / s", [
@@ -104,7 +109,9 @@ def serving_overview() -> Board:
     b.row("Latency")
     b.panel("Time to first token", quantiles("ray_moe_cluster_time_to_first_token_seconds"), unit="s")
     b.panel("Inter-token latency", quantiles("ray_moe_cluster_inter_token_latency_seconds"), unit="s")
-    b.panel("End-to-end latency", quantiles("ray_moe_cluster_e2e_request_latency_seconds"), unit="s")
+    b.panel("End-to-end latency (HTTP generation)",
+            quantiles("ray_serve_http_request_latency_ms", qs=(0.5, 0.95), where=f'route=~"{GENERATION_ROUTES}"'),
+            unit="ms", description="Serve's proxy: request arrival to its last byte (a stream's whole length).")
     b.row("KV cache")
     b.panel("KV cache use", [q(f"max by (replica) (ray_moe_cluster_kv_usage_ratio{{{APP}}})", "{{replica}}")],
             unit="percentunit", min=0, max=1)
@@ -116,18 +123,19 @@ def serving_overview() -> Board:
         unit="reqps", description="By finish reason (stop, length, tool_calls) or abort cause.")
     b.row("API")
     b.panel("HTTP responses / s", [
-        q(f"sum by (route, code) (rate(ray_moe_cluster_http_responses_total{{{APP}}}[{RI}]))", "{{route}} {{code}}")],
-        unit="reqps", width=12)
+        q(f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[{RI}]))",
+          "{{route}} {{status_code}}")], unit="reqps", width=12, description="Serve's proxy, by route template.")
     b.panel("gRPC calls / s", [
         q(f"sum by (method, code) (rate(ray_moe_cluster_grpc_responses_total{{{APP}}}[{RI}]))",
-          "{{method}} {{code}}")], unit="reqps", width=12)
+          "{{method}} {{code}}")], unit="reqps", width=12, description="The ingress, by method and status.")
     b.panel("Aborts / s", [
-        q(f"sum by (cause) (rate(ray_moe_cluster_aborts_total{{{APP}}}[{RI}]))", "{{cause}}")], unit="reqps",
+        q(f'sum by (reason) (rate(ray_moe_cluster_requests_finished_total{{{APP},reason=~"{ABORT_REASONS}"}}[{RI}]))',
+          "{{reason}}")], unit="reqps",
         description="Requests ended before completion: client gone, deadline passed, error.")
     # `or vector(0)`: no 5xx at all is a ratio of 0, not an empty panel.
     b.panel("Server error ratio", [
-        q(f'(sum(rate(ray_moe_cluster_http_responses_total{{{APP},code=~"5.."}}[{RI}])) or vector(0)) '
-          f"/ sum(rate(ray_moe_cluster_http_responses_total{{{APP}}}[{RI}]))", "HTTP 5xx")],
+        q(f'(sum(rate(ray_serve_num_http_requests_total{{{APP},status_code=~"5.."}}[{RI}])) or vector(0)) '
+          f"/ sum(rate(ray_serve_num_http_requests_total{{{APP}}}[{RI}]))", "HTTP 5xx")],
         unit="percentunit", min=0)
     b.panel("Serve replicas healthy", [
         q(f"sum by (deployment) (ray_serve_deployment_replica_healthy{{{APP}}})", "{{deployment}}")])
@@ -146,7 +154,7 @@ def expert_group() -> Board:
     b.row("Exchange")
     b.panel("Exchange latency", quantiles("ray_moe_cluster_expert_exchange_latency_seconds", by="transport",
                                           qs=(0.5, 0.99)), unit="s",
-            description="One MoE layer's dispatch + expert compute + combine, as the router sees it.")
+            description="One MoE layer's dispatch + expert compute + combine, as the engine sees it.")
     b.panel("Exchanges / s", [
         q(f"sum by (transport) (rate(ray_moe_cluster_expert_exchange_latency_seconds_count{{{APP}}}[{RI}]))",
           "{{transport}}")])
@@ -187,12 +195,12 @@ def autoscaling() -> Board:
         q(f"max by (deployment) (ray_moe_cluster_autoscaling_wanted_replicas{{{APP}}})", "{{deployment}} wants"),
         q(f"max by (deployment) (ray_moe_cluster_autoscaling_max_replicas{{{APP}}})", "{{deployment}} max")],
         description="Above max: the deployment is at its ceiling (alert MoeClusterAutoscalerAtCeiling).")
-    b.row("Router signals")
-    b.panel("KV use per router", [
+    b.row("Engine signals")
+    b.panel("KV use per engine replica", [
         q(f"max by (replica) (ray_moe_cluster_kv_usage_ratio{{{APP}}})", "{{replica}}"),
         q(f'max(ray_moe_cluster_autoscaling_signal{{{APP},signal="kv_usage"}})', "policy mean")],
         unit="percentunit", min=0, max=1)
-    b.panel("Waiting per router", [
+    b.panel("Waiting per engine replica", [
         q(f"max by (replica) (ray_moe_cluster_requests_waiting{{{APP}}})", "{{replica}}"),
         q(f'max(ray_moe_cluster_autoscaling_signal{{{APP},signal="num_waiting"}})', "policy mean")])
     b.panel("Preemptions / s", [

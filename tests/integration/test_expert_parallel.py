@@ -1,4 +1,4 @@
-"""Expert parallelism over DeepSpeed: a router actor and N shard actors on distinct Ray nodes
+"""Expert parallelism over DeepSpeed: an engine actor and N shard actors on distinct Ray nodes
 give the same greedy tokens as the in-process engine and transformers."""
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def test_deepspeed_group_matches_local_and_reference(expert_nodes, tiny_ckpt: Pa
             assert out.token_ids == local_tokens[i], f"request {i}: deepspeed differs from LocalDispatcher"
             assert_matches_reference(out.token_ids, reference_greedy(tiny_ckpt, prompt, NEW_TOKENS), f"#{i}")
 
-        # Shards sit on distinct nodes, none on the router's... node of the head is allowed.
+        # Shards sit on distinct nodes, none on the engine's... node of the head is allowed.
         nodes = ray.get([s.node_id.remote() for s in group.shards])
         assert len(set(nodes)) == num_shards
 
-        # Memory: the router holds no routed expert; each shard exactly its placement's experts.
-        router_params = ray.get(group.router.held.remote())
-        assert not any(".experts." in n for n in router_params)
+        # Memory: the engine holds no routed expert; each shard exactly its placement's experts.
+        engine_params = ray.get(group.engine.held.remote())
+        assert not any(".experts." in n for n in engine_params)
         reader = CheckpointReader(tiny_ckpt)
         text = reader.config.text
         placement = ExpertPlacement.of_model(text, num_shards)
@@ -64,16 +64,16 @@ def test_deepspeed_group_matches_local_and_reference(expert_nodes, tiny_ckpt: Pa
                 rank, text.moe_layers[0])[-1]
             assert any(r.endswith(f"[{first}:{last + 1}]") for r in reads)
 
-        # Token counts per (layer, expert) over shards sum to the pairs the router sent.
-        sent = ray.get(group.router.pairs_sent.remote())
+        # Token counts per (layer, expert) over shards sum to the pairs the engine sent.
+        sent = ray.get(group.engine.pairs_sent.remote())
         counts = [ray.get(s.token_counts.remote()) for s in group.shards]
         for layer in text.moe_layers:
             assert sum(int(c[layer].sum()) for c in counts) == sent[layer] > 0
-        # ... and the router's own per-expert view (what its metrics export) equals the shards'.
-        routed = ray.get(group.router.token_counts.remote())
+        # ... and the engine's own per-expert view (what its metrics export) equals the shards'.
+        routed = ray.get(group.engine.token_counts.remote())
         for layer in text.moe_layers:
             assert routed[layer].tolist() == sum(c[layer] for c in counts).tolist()
-        free, total = ray.get(group.router.check_integrity.remote())
+        free, total = ray.get(group.engine.check_integrity.remote())
         assert free == total
     finally:
         llm.close()

@@ -41,8 +41,7 @@ pytestmark = pytest.mark.slow
 KEY = "live-metrics-key"
 APP = "moe-live"
 SERVING = next(p for p in DASHBOARDS if p.stem == "serving-overview")
-ROUTES = {"/health", "/ready", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/engine/stats",
-          "<unmatched>"}
+ROUTES = {"/health", "/ready", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/engine/stats", "/"}
 
 
 @dataclass
@@ -145,8 +144,8 @@ def live(ray_session, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
     # Autoscaling within [1, 1]: the policies run (and export their decisions) without moving.
     fixed = {"min_replicas": 1, "max_replicas": 1, "look_back_period_s": 4, "metrics_interval_s": 1}
     config = AppConfig(model=str(tiny_ckpt), app_name=APP, api_keys=[KEY], http_port=free_port(),
-                       grpc_port=free_port(), ingress_num_cpus=0, router_num_cpus=0, vision={"num_cpus": 0},
-                       engine={"max_model_len": 1024}, autoscaling={"ingress": fixed, "router": fixed})
+                       grpc_port=free_port(), ingress_num_cpus=0, engine_num_cpus=0, vision={"num_cpus": 0},
+                       engine={"max_model_len": 1024}, autoscaling={"ingress": fixed, "engine": fixed})
     ray_session.serve(http_options(config), grpc_options(config))
     prom = None
     stop = threading.Event()
@@ -216,12 +215,12 @@ def test_series_carry_what_the_app_did(live: Live) -> None:
         return {r["metric"][label] for r in live.query(expr)}
 
     app = f'application="{APP}"'
-    assert {"client", "deadline"} <= labels(f"ray_moe_cluster_aborts_total{{{app}}}", "cause")
     assert {"length", "client", "deadline"} <= labels(f"ray_moe_cluster_requests_finished_total{{{app}}}", "reason")
-    # Route templates only (bounded), with the statuses the load produced.
-    http = live.query(f"ray_moe_cluster_http_responses_total{{{app}}}")
+    # Serve's own HTTP counts: route templates only (bounded; "/" for a path no route matches), with
+    # the statuses the load produced.
+    http = live.query(f"ray_serve_num_http_requests_total{{{app}}}")
     assert {r["metric"]["route"] for r in http} <= ROUTES
-    codes = {(r["metric"]["route"], r["metric"]["code"]) for r in http}
+    codes = {(r["metric"]["route"], r["metric"]["status_code"]) for r in http}
     assert {("/v1/chat/completions", "200"), ("/v1/completions", "200"), ("/v1/completions", "400"),
             ("/v1/models", "401"), ("/health", "200")} <= codes
     grpc_codes = {(r["metric"]["method"], r["metric"]["code"])
@@ -229,11 +228,11 @@ def test_series_carry_what_the_app_did(live: Live) -> None:
     # (A client's cancel reaches the ingress as CANCELLED when Serve's proxy passes it on in time;
     # a deadline always does, as DEADLINE_EXCEEDED.)
     assert {("Generate", "OK"), ("ChatStream", "OK"), ("GenerateStream", "DEADLINE_EXCEEDED")} <= grpc_codes
-    # Engine-side series come from the router replica, request-side ones from the ingress.
-    assert labels(f"ray_moe_cluster_kv_blocks_capacity{{{app}}}", "deployment") == {"Router"}
+    # Engine-side series come from the engine replica, request-side ones from the ingress.
+    assert labels(f"ray_moe_cluster_kv_blocks_capacity{{{app}}}", "deployment") == {"EngineServer"}
     assert labels(f"ray_moe_cluster_time_to_first_token_seconds_count{{{app}}}", "deployment") == {"Ingress"}
     assert labels(f"ray_moe_cluster_expert_exchange_latency_seconds_count{{{app}}}", "transport") == {"local"}
     assert live.query(f'ray_moe_cluster_image_preprocess_seconds_count{{{app}}} > 0')
     assert live.query(f'ray_moe_cluster_vision_encoder_seconds_count{{{app}}} > 0')
-    # The router policy runs in the controller and reports the replicas' KV use.
-    assert live.query(f'ray_moe_cluster_autoscaling_signal{{{app},deployment="Router",signal="kv_usage"}}')
+    # The engine policy runs in the controller and reports the replicas' KV use.
+    assert live.query(f'ray_moe_cluster_autoscaling_signal{{{app},deployment="EngineServer",signal="kv_usage"}}')

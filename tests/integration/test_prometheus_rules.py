@@ -148,7 +148,8 @@ def live_prometheus(tmp_path_factory):
         deadline = time.monotonic() + 180
         want = ["ray_moe_cluster_autoscaling_wanted_replicas", "ray_moe_cluster_time_to_first_token_seconds_bucket",
                 "ray_serve_autoscaling_target_replicas", 'ray_moe_cluster_autoscaling_signal{signal="kv_usage"}',
-                'ray_moe_cluster_autoscaling_signal{signal="expert_load"}']
+                'ray_moe_cluster_autoscaling_signal{signal="expert_load"}', "ray_serve_num_http_requests_total",
+                "ray_moe_cluster_grpc_responses_total"]
         while time.monotonic() < deadline:
             try:
                 if all(prom_query(web_port, f"count_over_time({w}[1m]) >= 2")["data"]["result"] for w in want):
@@ -183,31 +184,32 @@ def test_live_exported_series_match_the_registry(live_prometheus):
     names = {r["metric"]["__name__"] for r in prom_query(
         live_prometheus, 'count by (__name__) ({__name__=~"ray_moe_cluster_.+"})')["data"]["result"]}
     assert names == exported_series(), (names ^ exported_series())
-    # Serve's tags reach the router's series; the policy's series carry the deployment.
+    # Serve's tags reach the engine's series; the policy's series carry the deployment.
     kv = prom_query(live_prometheus, "ray_moe_cluster_kv_usage_ratio")["data"]["result"]
     assert {"application", "deployment", "replica"} <= set(kv[0]["metric"])
-    wanted = prom_query(live_prometheus, 'ray_moe_cluster_autoscaling_wanted_replicas{deployment="Router"}')
-    assert wanted["data"]["result"], "RouterAutoscalingPolicy recorded no decision in the Serve controller"
+    wanted = prom_query(live_prometheus, 'ray_moe_cluster_autoscaling_wanted_replicas{deployment="EngineServer"}')
+    assert wanted["data"]["result"], "EngineAutoscalingPolicy recorded no decision in the Serve controller"
 
 
 @pytest.mark.slow
-def test_live_router_policy_scaled_up_on_kv_use(live_prometheus):
-    """The stand-in router reports KV use 0.9 > 0.75 with nothing ongoing to speak of: the
+def test_live_engine_policy_scaled_up_on_kv_use(live_prometheus):
+    """The stand-in engine server reports KV use 0.9 > 0.75 with nothing ongoing to speak of: the
     project's policy, loaded by the Serve controller from policy_function/policy_kwargs, takes it
     from one replica to its max of two."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        r = prom_query(live_prometheus, 'max(ray_serve_autoscaling_target_replicas{deployment="Router"})')
+        r = prom_query(live_prometheus, 'max(ray_serve_autoscaling_target_replicas{deployment="EngineServer"})')
         if r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) == 2:
             return
         time.sleep(3)
-    raise AssertionError(f"Router not scaled to 2: {r}")
+    raise AssertionError(f"EngineServer not scaled to 2: {r}")
 
 
 @pytest.mark.slow
 def test_live_recording_rules_evaluate(live_prometheus):
     for rule in ("moe_cluster:time_to_first_token_seconds:p95_5m", "moe_cluster:kv_usage_ratio:max",
-                 "moe_cluster:http_error_ratio:rate5m", "moe_cluster:expert_imbalance_ratio:max"):
+                 "moe_cluster:http_error_ratio:rate5m", "moe_cluster:grpc_error_ratio:rate5m",
+                 "moe_cluster:expert_imbalance_ratio:max"):
         deadline = time.monotonic() + 30
         while not prom_query(live_prometheus, rule)["data"]["result"]:
             assert time.monotonic() < deadline, f"{rule} has no value"

@@ -1,4 +1,4 @@
-"""The `ray` transport (routers sharing shards, M:N) and surviving a dead shard with both
+"""The `ray` transport (engines sharing shards, M:N) and surviving a dead shard with both
 distributed transports."""
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def local_tokens(tiny_ckpt: Path, prompts) -> list[tuple[int, ...]]:
     return [o.token_ids for o in LLM(tiny_ckpt).generate(prompts, GREEDY, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("num_shards, num_routers", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("num_shards, num_engines", [(2, 1), (4, 1), (2, 2)])
 def test_ray_transport_matches_local_and_reference(expert_nodes, tiny_ckpt: Path, prompts, local_tokens,
-                                                   num_shards: int, num_routers: int) -> None:
-    llm = LLM(tiny_ckpt, transport="ray", num_expert_shards=num_shards, num_routers=num_routers)
+                                                   num_shards: int, num_engines: int) -> None:
+    llm = LLM(tiny_ckpt, transport="ray", num_expert_shards=num_shards, num_engines=num_engines)
     try:
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
         for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
@@ -43,17 +43,17 @@ def test_ray_transport_matches_local_and_reference(expert_nodes, tiny_ckpt: Path
             assert_matches_reference(out.token_ids, reference_greedy(tiny_ckpt, prompt, GREEDY.max_tokens), f"#{i}")
         shards = llm.group.shards
         assert len(set(ray.get([s.node_id.remote() for s in shards]))) == num_shards
-        routers = llm.group.routers
-        assert len(routers) == num_routers
-        sent = [ray.get(r.pairs_sent.remote()) for r in routers]
+        engines = llm.group.engines
+        assert len(engines) == num_engines
+        sent = [ray.get(e.pairs_sent.remote()) for e in engines]
         counts = [ray.get(s.token_counts.remote()) for s in shards]
         for layer in sent[0]:
             assert sum(int(c[layer].sum()) for c in counts if layer in c) == sum(s[layer] for s in sent)
-        routed = [ray.get(r.token_counts.remote()) for r in routers]  # per expert, as the routers saw it
+        routed = [ray.get(e.token_counts.remote()) for e in engines]  # per expert, as the engines saw it
         for layer in routed[0]:
             assert sum(r[layer] for r in routed).tolist() == sum(c[layer] for c in counts if layer in c).tolist()
-        for r in routers:
-            free, total = ray.get(r.check_integrity.remote())
+        for e in engines:
+            free, total = ray.get(e.check_integrity.remote())
             assert free == total
     finally:
         llm.close()
@@ -66,14 +66,14 @@ def test_a_killed_shard_is_replaced_and_requests_finish(expert_nodes, tiny_ckpt:
     expected = [o.token_ids for o in LLM(tiny_ckpt).generate(prompts, params, use_tqdm=False)]
     llm = LLM(tiny_ckpt, transport=transport, num_expert_shards=2, exchange_deadline_s=10.0)
     try:
-        router = llm.group.router
+        engine = llm.group.engine
         victim = llm.group.shards[1]
         victim_id = victim._actor_id.hex()
         result: dict[str, object] = {}
         runner = threading.Thread(target=lambda: result.update(outs=llm.generate(prompts, params, use_tqdm=False)))
         started = time.monotonic()
         runner.start()
-        while ray.get(router.stats.remote()).generation_tokens < 16 * 5:  # mid-generation
+        while ray.get(engine.stats.remote()).generation_tokens < 16 * 5:  # mid-generation
             assert time.monotonic() - started < 120, "generation never got going"
             time.sleep(0.05)
         ray.kill(victim, no_restart=True)
@@ -81,13 +81,13 @@ def test_a_killed_shard_is_replaced_and_requests_finish(expert_nodes, tiny_ckpt:
         assert not runner.is_alive(), "generation hung after a shard died"
         outs = result["outs"]
         assert [o.token_ids for o in outs] == expected
-        reforms = ray.get(router.reforms.remote())
+        reforms = ray.get(engine.reforms.remote())
         assert len(reforms) >= 1 and all(t > 0 for t in reforms)
         assert llm.group.shards[1]._actor_id.hex() != victim_id
         # The re-formed group serves new requests, and every block is free.
         again = llm.generate(prompts[:2], params, use_tqdm=False)
         assert [o.token_ids for o in again] == expected[:2]
-        free, total = ray.get(router.check_integrity.remote())
+        free, total = ray.get(engine.check_integrity.remote())
         assert free == total
     finally:
         llm.close()

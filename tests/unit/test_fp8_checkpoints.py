@@ -20,7 +20,7 @@ from cluster.experts.placement import ExpertPlacement
 from cluster.experts.shard import ExpertShard
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.fp8 import Fp8Experts
-from cluster.model.routed_experts import RoutedExperts
+from cluster.model.routed_experts import DequantizedCache, RoutedExperts
 
 BLOCK = (24, 32)  # tiny: I = 32, so the fused gate_up grid (3 rows) is not two stacked grids (2 + 2)
 IDS = [3, 4, 9]
@@ -116,18 +116,22 @@ def test_dequantized_cache_keeps_hot_experts_under_its_cap(fp8_ckpts) -> None:
     gate_up, down = reader.read_experts(1, list(range(8)))
     per_expert = 3 * text.hidden_size * text.moe_intermediate_size * 4
     plain = RoutedExperts(text.n_routed_experts, range(8), gate_up, down, torch.float32)
-    cached = RoutedExperts(text.n_routed_experts, range(8), gate_up, down, torch.float32, cache_bytes=3 * per_expert)
+    cache = DequantizedCache(3 * per_expert)
+    cached = RoutedExperts(text.n_routed_experts, range(8), gate_up, down, torch.float32, cache, layer=1)
     gen = torch.Generator().manual_seed(0)
     for experts in ([0, 1, 2], [0, 1, 2], [3, 4, 5, 6, 7], [6, 7]):  # hits, then evictions, then hits
         hidden = torch.randn(6, text.hidden_size, generator=gen)
         ids = torch.tensor(experts)[torch.randint(0, len(experts), (6, 4), generator=gen)]
         weights = torch.rand(6, 4, generator=gen)
         assert torch.equal(cached(hidden, ids, weights), plain(hidden, ids, weights))
-        cached.cache.check_integrity()
-        assert cached.cache.nbytes <= 3 * per_expert
-    assert cached.cache.hits > 0 and plain.cache.nbytes == 0
-    fp8_bytes = gate_up.nbytes + down.nbytes
-    assert cached.resident_bytes() == fp8_bytes + cached.cache.nbytes and plain.resident_bytes() == fp8_bytes
+        cache.check_integrity()
+        assert cache.nbytes <= 3 * per_expert
+    assert cache.hits > 0 and plain.cache is None
+    assert cached.resident_bytes() == plain.resident_bytes() == gate_up.nbytes + down.nbytes  # the cache: the shard's
+    shard = ExpertShard(reader, ExpertPlacement.of_model(text, 1), 0, cache_bytes=3 * per_expert)
+    shard.compute(1, hidden, ids, weights)
+    assert shard.cache is not None and shard.cache.nbytes > 0
+    assert shard.resident_bytes() == sum(e.resident_bytes() for e in shard.experts.values()) + shard.cache.nbytes
 
 
 def test_mistral_native_files_beside_the_hf_ones_are_left_alone(fp8_ckpts, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""deployments/instrumentation.py and the wiring of metrics and autoscaling into the app, without Ray:
-per-request tracking (latencies, finish reasons, aborts by cause), the HTTP middleware (route
-templates, statuses), the gRPC method wrapper, the router's instrumentation and autoscaling stats,
-and the app's replica options from config."""
+"""deployments/telemetry/instrumentation.py, engine_instrumentation.py and the wiring of metrics and
+autoscaling into the app, without Ray: per-request tracking (latencies, finish reasons, aborts by
+cause), the HTTP middleware, the gRPC method wrapper, an engine replica's instrumentation and
+autoscaling stats (from the engine's published snapshot only), and the app's replica options from
+config (the renamed keys included)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from cluster.engine.output_aggregator import RequestOutput
-from cluster.engine.stats import EngineStats, KVLoad
+from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
 from deployments.config import AppConfig, ConfigError, parse_config
 from deployments.errors import BadRequest, Unavailable
 from deployments.telemetry import instrumentation as inst
-from deployments.telemetry.autoscaling import (
+from deployments.telemetry.autoscaling_settings import replica_options
+from deployments.telemetry.engine_instrumentation import EngineInstrumentation
+from deployments.telemetry.exchange import TimedDispatcher, shard_health
+from deployments.telemetry.metrics import PREFIX, MetricDef, MetricSet
+from deployments.telemetry.signals import (
     EXCHANGE_LATENCY_KEY,
     EXPERT_LOAD_KEY,
     KV_USAGE_KEY,
     RUNNING_KEY,
     WAITING_KEY,
-    replica_options,
 )
-from deployments.telemetry.metrics import PREFIX, MetricDef, MetricSet, TimedDispatcher, shard_health
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +55,10 @@ class Fake:
 
     def observed(self, name: str) -> list[float]:
         return self.values[name][()]
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """Totals of a series per value of one label (series never recorded left out)."""
+        return {dict(k)[label]: sum(v) for k, v in self.values[name].items() if v}
 
 
 @pytest.fixture
@@ -97,8 +104,7 @@ def test_tracker_records_latencies_and_the_finish_reason_once_every_stream_ends(
     assert t.close(None, 200) == "stop"
     assert f.observed("time_to_first_token_seconds") == [pytest.approx(0.5)]
     assert len(f.observed("inter_token_latency_seconds")) == 4
-    assert f.observed("e2e_request_latency_seconds") == [pytest.approx(1.5)]  # at the last token, not at close
-    assert f.total("requests_finished_total", reason="stop") == 1 and not f.values["aborts_total"]
+    assert f.by("requests_finished_total", "reason") == {"stop": 1}
     assert t.close(None, 200) == "stop" and f.total("requests_finished_total", reason="stop") == 1
 
 
@@ -135,8 +141,7 @@ def test_tracker_counts_an_unfinished_request_as_an_abort_by_cause(fake, exc, st
         t.failed()
     clock.now = 102.0 if past_deadline else 100.5
     assert t.close(exc, status) == cause
-    assert f.total("aborts_total", cause=cause) == (1 if cause else 0)
-    assert sum(sum(v) for v in f.values["requests_finished_total"].values()) == (1 if cause else 0)
+    assert f.by("requests_finished_total", "reason") == ({cause: 1} if cause else {})
 
 
 def test_a_request_that_never_reached_the_engine_is_not_counted(fake):
@@ -181,16 +186,41 @@ def test_streams_opened_in_a_tracked_request_are_observed():
 # HTTP
 # ---------------------------------------------------------------------------------------------
 
-def http_app(ms: MetricSet) -> FastAPI:
+class Stream:
+    """An engine stream as the ingress sees it (Serve's DeploymentResponseGenerator)."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def http_app() -> FastAPI:
     app = FastAPI()
 
-    @app.get("/v1/items/{item_id}")
-    async def item(item_id: str) -> dict:
-        if item_id == "boom":
-            raise RuntimeError("boom")
-        if item_id == "missing":
-            raise HTTPException(404)
-        return {"id": item_id}
+    @app.post("/v1/chat/completions")
+    async def chat() -> dict:
+        async for _ in inst.observe_stream(Stream([out(1, ids=(9,)), out(1, True, "stop", ids=(5,))])):
+            pass
+        return {}
+
+    @app.post("/v1/completions")
+    async def completion() -> dict:
+        async for _ in inst.observe_stream(Stream([out(1), RuntimeError("engine gone")])):
+            pass
+        return {}
 
     class Guard:  # answers before routing, like deployments.api.http_guards
         def __init__(self, app):
@@ -204,32 +234,29 @@ def http_app(ms: MetricSet) -> FastAPI:
             await self.app(scope, receive, send)
 
     app.add_middleware(Guard)
-    app.add_middleware(inst.HttpMetricsMiddleware, metrics=ms)
+    app.add_middleware(inst.HttpMetricsMiddleware, get_tool_calls_id=lambda: 9)
     return app
 
 
-def test_http_statuses_are_counted_by_route_template(fake):
-    f, ms = fake
-    client = TestClient(http_app(ms), raise_server_exceptions=False)
-    for path in ("/v1/items/a", "/v1/items/b", "/v1/items/missing", "/v1/items/locked", "/nowhere", "/v1/items/boom"):
-        client.get(path)
-    client.post("/v1/items/a")
-    got = {dict(k)["route"] + " " + dict(k)["code"]: sum(v) for k, v in f.values["http_responses_total"].items()}
-    assert got == {"/v1/items/{item_id} 200": 2, "/v1/items/{item_id} 404": 1, "/v1/items/{item_id} 401": 1,
-                   "<unmatched> 404": 1, "/v1/items/{item_id} 500": 1, "/v1/items/{item_id} 405": 1}
-
-
-def test_the_ingress_app_counts_guard_refusals_under_their_route(fake, tiny_ckpt, monkeypatch):
-    from deployments.api.http_app import create_http_app
+@pytest.fixture
+def default_metrics(fake, monkeypatch):
+    """The process-wide metric set (what the ingress records into) is the fake one."""
+    from deployments.telemetry import metrics
 
     f, ms = fake
-    monkeypatch.setattr(inst, "ApiMetrics", lambda metrics=None, _real=inst.ApiMetrics: _real(ms))
-    app = create_http_app(lambda: None, AppConfig(model=str(tiny_ckpt), api_keys=["k"]))
-    client = TestClient(app)
-    assert client.post("/v1/chat/completions", json={}).status_code == 401
-    assert client.get("/health").status_code == 200
-    routes = {dict(k)["route"] + " " + dict(k)["code"] for k in f.values["http_responses_total"]}
-    assert routes == {"/v1/chat/completions 401", "/health 200"}
+    monkeypatch.setattr(metrics, "_default", ms)
+    return f
+
+
+def test_http_requests_are_tracked_to_their_outcome(default_metrics):
+    f = default_metrics
+    client = TestClient(http_app(), raise_server_exceptions=False)
+    assert client.post("/v1/chat/completions").status_code == 200
+    assert client.post("/v1/completions").status_code == 500
+    assert client.post("/v1/completions/locked").status_code == 401  # refused before the engine: not counted
+    assert client.get("/nowhere").status_code == 404
+    # A chat answer that called a tool; a server error.
+    assert f.by("requests_finished_total", "reason") == {"tool_calls": 1, "error": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,43 +282,51 @@ class Methods:
 
     @inst.observe_grpc
     async def Generate(self, request, grpc_context):  # noqa: N802
-        if request == "bad":
+        if request == "bad":  # refused before the engine: a status, not a request
             import grpc
 
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            return "empty"
+        async for _ in inst.observe_stream(Stream([out(2, True, "length")])):
+            pass
         return "reply"
 
     @inst.observe_grpc
+    async def ListModels(self, request, grpc_context):  # noqa: N802
+        return "models"
+
+    @inst.observe_grpc
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
-        for i in range(3):
-            await asyncio.sleep(0)
-            yield i
+        async for o in inst.observe_stream(Stream([out(1), out(1), out(1, True, "length")])):
+            yield o
 
 
-def test_grpc_calls_are_counted_by_method_and_code(fake, monkeypatch):
+def test_grpc_calls_are_counted_by_method_and_code_and_generation_calls_tracked(default_metrics):
     import inspect
+    import time
 
-    f, ms = fake
-    monkeypatch.setattr(inst, "ApiMetrics", lambda metrics=None, _real=inst.ApiMetrics: _real(ms))
+    from deployments.grpc.proxy_fix import DEADLINE_METADATA
+
+    f = default_metrics
     m = Methods()
     assert inspect.isasyncgenfunction(Methods.GenerateStream) and not inspect.isasyncgenfunction(Methods.Generate)
     assert "grpc_context" in inspect.signature(Methods.Generate).parameters  # Serve passes it by name
 
     async def main():
         assert await m.Generate("ok", Ctx()) == "reply"
-        await m.Generate("bad", Ctx())
-        assert [x async for x in m.GenerateStream("ok", Ctx())] == [0, 1, 2]
-        # Cancelled past the deadline the proxy forwarded: DEADLINE_EXCEEDED, not CANCELLED.
-        import time
-
+        assert await m.Generate("bad", Ctx()) == "empty"
+        assert await m.ListModels("ok", Ctx()) == "models"
+        assert len([x async for x in m.GenerateStream("ok", Ctx())]) == 3
+        # Cancelled past the deadline the proxy forwarded: a deadline, not a client that left.
         for deadline in (time.time() - 1, time.time() + 60):
-            stream = m.GenerateStream("ok", Ctx([(inst.DEADLINE_METADATA, str(deadline))]))
+            stream = m.GenerateStream("ok", Ctx([(DEADLINE_METADATA, str(deadline))]))
             await stream.__anext__()
             await stream.aclose()
 
     asyncio.run(main())
+    assert f.by("requests_finished_total", "reason") == {"length": 2, "deadline": 1, "client": 1}
     codes = {dict(k)["method"] + " " + dict(k)["code"]: sum(v) for k, v in f.values["grpc_responses_total"].items()}
-    assert codes == {"Generate OK": 1, "Generate INVALID_ARGUMENT": 1, "GenerateStream OK": 1,
+    assert codes == {"Generate OK": 1, "Generate INVALID_ARGUMENT": 1, "ListModels OK": 1, "GenerateStream OK": 1,
                      "GenerateStream DEADLINE_EXCEEDED": 1, "GenerateStream CANCELLED": 1}
 
 
@@ -306,10 +341,10 @@ def test_the_proxy_forwards_the_client_deadline(monkeypatch):
 
     from ray.serve._private import proxy_request_response as prr
 
-    from deployments.grpc import proxy_fix as grpc_proxy_fix
+    from deployments.grpc import proxy_fix
 
     monkeypatch.setattr(prr, "RayServegRPCContext", prr.RayServegRPCContext)
-    grpc_proxy_fix._forward_deadlines()
+    proxy_fix._forward_deadlines()
 
     class ServicerContext:
         def __init__(self, remaining):
@@ -328,60 +363,59 @@ def test_the_proxy_forwards_the_client_deadline(monkeypatch):
             return lambda *a: None
 
     with_deadline = prr.RayServegRPCContext(ServicerContext(5.0))
-    deadline = inst._deadline_unix(with_deadline)
+    deadline = proxy_fix.forwarded_deadline(with_deadline)
     assert deadline == pytest.approx(time.time() + 5.0, abs=1)
     assert ("authorization", "Bearer k") in with_deadline.invocation_metadata()
-    assert inst._deadline_unix(prr.RayServegRPCContext(ServicerContext(None))) is None
+    assert proxy_fix.forwarded_deadline(prr.RayServegRPCContext(ServicerContext(None))) is None
 
 
 # ---------------------------------------------------------------------------------------------
-# Router
+# Engine replicas
 # ---------------------------------------------------------------------------------------------
 
-class FakeAsyncEngine:
-    def __init__(self, load=True):
-        import threading
-
-        self._lock = threading.Lock()
-        self.engine = SimpleNamespace(
-            counters=SimpleNamespace(reforms=[]),
-            dispatcher=SimpleNamespace(dispatch=lambda *a: "out", token_counts=lambda: {0: [1, 3]}))
-        self.load = KVLoad(free_blocks=24, reserved_blocks=4, total_blocks=32, block_size=16, num_running=2,
-                           num_waiting=3) if load else None
-
-    def stats(self):
-        return EngineStats(num_running=2, num_waiting=1, kv_blocks_used=16, kv_blocks_total=32, num_preemptions=0,
-                           forward_calls=1, prompt_tokens=5, generation_tokens=7, aborts=0)
+def snapshot(generation_tokens: int = 7, expert_tokens: dict | None = None) -> EngineSnapshot:
+    stats = EngineStats(num_running=2, num_waiting=1, kv_blocks_used=16, kv_blocks_total=32, num_preemptions=0,
+                        forward_calls=1, prompt_tokens=5, generation_tokens=generation_tokens, aborts=0)
+    load = KVLoad(free_blocks=24, reserved_blocks=4, total_blocks=32, block_size=16, num_running=2, num_waiting=3)
+    return EngineSnapshot(stats, load, expert_tokens if expert_tokens is not None else {0: [1, 3]}, ())
 
 
-def test_router_instrumentation_times_exchanges_and_reports_autoscaling_stats(fake):
+def test_engine_instrumentation_reads_only_what_the_engine_publishes(fake):
+    """The instrumentation times exchanges through the dispatcher it composed and reads the
+    engine's published snapshot; the engine it is given has nothing else (no lock, no internals)."""
     f, ms = fake
-    engine = FakeAsyncEngine()
-    router = inst.RouterInstrumentation(engine, "local", metrics=ms, start=False)
-    assert isinstance(engine.engine.dispatcher, TimedDispatcher)
-    assert engine.engine.dispatcher.dispatch(0) == "out"
+    telemetry = EngineInstrumentation("local", metrics=ms)
+    inner = SimpleNamespace(dispatch=lambda *a: "out", shards=[object()], placement=SimpleNamespace(num_ranks=2))
+    timed = telemetry.timed(inner)
+    engine = SimpleNamespace(snapshot=snapshot())
+    telemetry.start(engine, interval_s=0)  # no polling thread: polled by hand below
+    # The first report: KV use (used / total of the published load), queue; no expert rate yet.
+    assert telemetry.autoscaling_stats() == {KV_USAGE_KEY: 0.25, WAITING_KEY: 3.0, RUNNING_KEY: 2.0}
+    assert timed.dispatch(0, "hidden", "ids", "weights") == "out"
     assert len(f.values["expert_exchange_latency_seconds"][(("transport", "local"),)]) == 1
-    assert router.autoscaling_stats() == {KV_USAGE_KEY: 0.25, WAITING_KEY: 3.0, RUNNING_KEY: 2.0}
-    assert inst.RouterInstrumentation(FakeAsyncEngine(load=False), "local", metrics=ms,
-                                      start=False).autoscaling_stats()[KV_USAGE_KEY] == 0.5
-    router.poll()
-    assert f.total("generation_tokens_total") == 7 and f.values["kv_usage_ratio"][()] == [0.5]
+    engine.snapshot = snapshot(generation_tokens=9, expert_tokens={0: [5, 7]})
+    second = telemetry.autoscaling_stats()
+    assert second[EXCHANGE_LATENCY_KEY] > 0 and second[EXPERT_LOAD_KEY] > 0 and second[KV_USAGE_KEY] == 0.25
+    telemetry.poll()
+    assert f.total("generation_tokens_total") == 9 and f.values["kv_usage_ratio"][()] == [0.5]
+    assert f.total("expert_tokens_total", layer="0", expert="1") == 7
     assert not f.values["shard_up"]  # local transport: no shards of its own
-    # After a poll the expert signals ride along: the exchange timed above, no load rate yet (one reading).
-    after = router.autoscaling_stats()
-    assert after[EXCHANGE_LATENCY_KEY] > 0 and after[EXPERT_LOAD_KEY] == 0.0 and after[KV_USAGE_KEY] == 0.25
+    telemetry.stop()
 
 
 def test_shard_health_by_transport():
+    def timed(inner):
+        return TimedDispatcher(inner)
+
     local = SimpleNamespace(shards=[object()], placement=SimpleNamespace(num_ranks=1))
-    assert shard_health(local) is None
-    deepspeed = TimedDispatcher(SimpleNamespace(placement=SimpleNamespace(num_ranks=2), dispatch=lambda: 1 / 0),
-                                SimpleNamespace(observe_exchange=lambda s: None))
+    assert shard_health(timed(local)) is None
+    deepspeed = timed(SimpleNamespace(placement=SimpleNamespace(num_ranks=2), dispatch=lambda *a: 1 / 0))
     assert shard_health(deepspeed) == {0: True, 1: True}
     with pytest.raises(ZeroDivisionError):
-        deepspeed.dispatch()
+        deepspeed.dispatch(0, None, None, None)
     assert shard_health(deepspeed) == {0: False, 1: False}
-    assert shard_health(SimpleNamespace(shard_health=lambda: {3: 1})) == {3: True}
+    assert deepspeed.totals.count == 1  # a failed exchange is timed too
+    assert shard_health(timed(SimpleNamespace(shard_health=lambda: {3: 1}))) == {3: True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,56 +423,75 @@ def test_shard_health_by_transport():
 # ---------------------------------------------------------------------------------------------
 
 def test_replica_options_from_config():
-    assert replica_options(AppConfig(num_router_replicas=2), "router") == {"num_replicas": 2}
-    config = AppConfig(autoscaling={"router": {"min_replicas": 1, "max_replicas": 3, "target_kv_usage": 0.6},
+    assert replica_options(AppConfig(num_engine_replicas=2), "engine") == {"num_replicas": 2}
+    config = AppConfig(autoscaling={"engine": {"min_replicas": 1, "max_replicas": 3, "target_kv_usage": 0.6},
                                     "ingress": {"max_replicas": 2, "target_ongoing_requests": 8}},
-                       num_router_replicas=2)
-    router = replica_options(config, "router")["autoscaling_config"]
-    assert router["initial_replicas"] == 2 and router["max_replicas"] == 3
-    assert router["policy"]["policy_function"] == "deployments.telemetry.autoscaling:RouterAutoscalingPolicy"
-    assert router["policy"]["policy_kwargs"]["target_kv_usage"] == 0.6
+                       num_engine_replicas=2)
+    engine = replica_options(config, "engine")["autoscaling_config"]
+    assert engine["initial_replicas"] == 2 and engine["max_replicas"] == 3
+    assert engine["policy"]["policy_function"] == "deployments.telemetry.autoscaling:EngineAutoscalingPolicy"
+    assert engine["policy"]["policy_kwargs"]["target_kv_usage"] == 0.6
     ingress = replica_options(config, "ingress")["autoscaling_config"]
     assert ingress["target_ongoing_requests"] == 8 and "initial_replicas" not in ingress
-    # Every ingress replica at its max may send the routers its requests.
-    assert config.router_max_ongoing_requests == 2 * config.max_ongoing_requests * config.max_n + 16
-    # Routers that are whole expert groups: bounds in groups, the expert targets beside the router's.
-    groups = AppConfig(transport="deepspeed", num_expert_shards=2, num_router_replicas=2,
+    # Every ingress replica at its max may send the engine servers its requests.
+    assert config.engine_max_ongoing_requests == 2 * config.max_ongoing_requests * config.max_n + 16
+    # Engine replicas that are whole expert groups: bounds in groups, the expert targets beside the engine's.
+    groups = AppConfig(transport="deepspeed", num_expert_shards=2, num_engine_replicas=2,
                        autoscaling={"experts": {"max_groups": 3, "target_expert_load": 500}})
-    router = replica_options(groups, "router")["autoscaling_config"]
-    assert (router["min_replicas"], router["max_replicas"], router["initial_replicas"]) == (1, 3, 2)
-    assert router["policy"]["policy_kwargs"]["target_expert_load"] == 500
+    engine = replica_options(groups, "engine")["autoscaling_config"]
+    assert (engine["min_replicas"], engine["max_replicas"], engine["initial_replicas"]) == (1, 3, 2)
+    assert engine["policy"]["policy_kwargs"]["target_expert_load"] == 500
+
+
+def test_the_old_router_keys_still_work_with_one_warning(caplog):
+    """Configs written before the rename (num_router_replicas, router_num_cpus, router_num_gpus,
+    autoscaling.router) deploy as before; each old key is named once in a warning."""
+    import logging
+
+    old = {"num_router_replicas": 2, "router_num_cpus": 3, "router_num_gpus": 1,
+           "autoscaling": {"router": {"max_replicas": 3}}}
+    with caplog.at_level(logging.WARNING, logger="deployments.renamed_keys"):
+        first, second = parse_config(dict(old)), parse_config(dict(old))
+    assert first == second
+    assert (first.num_engine_replicas, first.engine_num_cpus, first.engine_num_gpus) == (2, 3, 1)
+    assert first.autoscaling.engine.max_replicas == 3
+    for key in ("num_router_replicas", "router_num_cpus", "router_num_gpus", "autoscaling.router"):
+        assert sum(key + " is deprecated" in r.getMessage() for r in caplog.records) <= 1, key
+    with pytest.raises(ConfigError, match="num_router_replicas is the deprecated name of num_engine_replicas"):
+        parse_config({"num_router_replicas": 2, "num_engine_replicas": 2})
 
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"transport": "ray", "num_expert_shards": 2, "autoscaling": {"experts": {}}}, "under transport 'ray'"),
-    ({"transport": "deepspeed", "num_expert_shards": 2, "num_router_replicas": 4,
-      "autoscaling": {"experts": {"max_groups": 3}}}, "num_router_replicas (4) is the initial"),
-    ({"autoscaling": {}, "num_router_replicas": 9}, "num_router_replicas (9)"),
-    ({"autoscaling": {"router": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) is above"),
-    ({"autoscaling": {"router": {"metrics_interval_s": 20}}}, "metrics_interval_s"),
+    ({"transport": "deepspeed", "num_expert_shards": 2, "num_engine_replicas": 4,
+      "autoscaling": {"experts": {"max_groups": 3}}}, "num_engine_replicas (4) is the initial"),
+    ({"autoscaling": {}, "num_engine_replicas": 9}, "num_engine_replicas (9)"),
+    ({"autoscaling": {"engine": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) is above"),
+    ({"autoscaling": {"engine": {"metrics_interval_s": 20}}}, "metrics_interval_s"),
 ])
 def test_autoscaling_config_is_checked(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_config(data)
 
 
-def test_build_app_passes_autoscaling_to_ingress_and_router(tiny_ckpt):
+def test_build_app_passes_autoscaling_to_ingress_and_engine(tiny_ckpt):
     from ray.serve._private.build_app import build_app as serve_build
     from ray.serve.config import AutoscalingConfig
 
     from deployments.app import build_app
 
-    config = AppConfig(model=str(tiny_ckpt), autoscaling={"router": {"max_replicas": 3, "metrics_interval_s": 1}},
+    config = AppConfig(model=str(tiny_ckpt), autoscaling={"engine": {"max_replicas": 3, "metrics_interval_s": 1}},
                        vision={"num_replicas": 0})
     built = {d.name: d for d in serve_build(build_app(config), name="app", default_runtime_env={}).deployments}
-    router = built["Router"]._deployment_config.autoscaling_config
+    assert set(built) == {"Ingress", "EngineServer"}
+    engine = built["EngineServer"]._deployment_config.autoscaling_config
     ingress = built["Ingress"]._deployment_config.autoscaling_config
-    assert isinstance(router, AutoscalingConfig) and router.max_replicas == 3 and router.metrics_interval_s == 1
-    assert router.policy.policy_function == "deployments.telemetry.autoscaling:RouterAutoscalingPolicy"
+    assert isinstance(engine, AutoscalingConfig) and engine.max_replicas == 3 and engine.metrics_interval_s == 1
+    assert engine.policy.policy_function == "deployments.telemetry.autoscaling:EngineAutoscalingPolicy"
     assert ingress.target_ongoing_requests == 32 and ingress.max_replicas == 4
     fixed = {d.name: d for d in serve_build(build_app(config.model_copy(update={"autoscaling": None})), name="app",
                                             default_runtime_env={}).deployments}
-    assert fixed["Router"]._deployment_config.autoscaling_config is None
+    assert fixed["EngineServer"]._deployment_config.autoscaling_config is None
 
 
 def test_app_builder_takes_keys_from_the_environment(monkeypatch, tiny_ckpt):
@@ -463,5 +516,5 @@ def test_project_serve_config_is_the_cluster_one():
     assert config["http_options"]["host"] == "0.0.0.0"
     args = config["applications"][0]["args"]
     scaling = AppConfig.model_validate(args).autoscaling
-    assert scaling is not None and scaling.router.max_replicas >= 2
+    assert scaling is not None and scaling.engine.max_replicas >= 2
     assert AppConfig().host == "127.0.0.1"
