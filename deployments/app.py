@@ -13,6 +13,7 @@ from ray.serve.config import BackpressureConfig, gRPCOptions
 from deployments.config import GRPC_SERVICER_FUNCTIONS, AppConfig, api_keys_from_env, parse_config
 from deployments.ingress import Ingress
 from deployments.serving.engine_server import EngineServer
+from deployments.serving.expert_registry import expert_registry_options
 from deployments.serving.request_router import request_router_options
 from deployments.serving.vision_deployment import vision_deployment
 from deployments.telemetry.autoscaling_settings import replica_options
@@ -21,14 +22,15 @@ ENGINE_DEPLOYMENT = "EngineServer"
 
 
 def build_app(config: AppConfig) -> Application:
-    engine = serve.deployment(EngineServer, name=ENGINE_DEPLOYMENT).options(
+    engine = serve.deployment(name=ENGINE_DEPLOYMENT)(EngineServer).options(
         **replica_options(config, "engine"),  # fixed, or autoscaled on KV use + waiting queue (config.autoscaling)
         max_ongoing_requests=config.engine_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus},
         health_check_period_s=10, graceful_shutdown_timeout_s=10,
         **request_router_options(config.routing),  # KV-aware request routing (deployments.serving.request_router)
+        **expert_registry_options(config),  # transport ray: the shared expert registry, the deployment's own actor
     ).bind(config)
-    ingress = serve.deployment(Ingress, name="Ingress").options(
+    ingress = serve.deployment(name="Ingress")(Ingress).options(
         **replica_options(config, "ingress"),  # fixed, or autoscaled on ongoing requests
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,

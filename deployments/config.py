@@ -74,6 +74,9 @@ class AppConfig(BaseModel):
                                                         "local, in-process shards)")
     exchange_deadline_s: PositiveFloat = Field(30.0, description="deadline of one expert exchange; a shard "
                                                                  "missing it is replaced and the step re-run")
+    expert_placement_timeout_s: PositiveFloat = Field(
+        45.0, description="how long the expert shards' placement group may wait for resources before the "
+                          "deployment is refused with what was asked and what is free")
 
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)

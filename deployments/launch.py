@@ -6,16 +6,24 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
+import time
 from collections.abc import Sequence
 
 from cluster.errors import ClusterError
+from cluster.experts.shard_placement import PlacementError
 from deployments.app import build_app, grpc_options, http_options
 from deployments.config import AppConfig
 
 # Read by Serve's proxy at import: the proxy's gRPC server limit for messages both ways. The proxy
 # inherits the environment of the raylet this process starts.
 GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+# How a deployment's status message carries a PlacementError raised where its expert shards are placed,
+# and how Serve says that replicas wait for resources (after RAY_SERVE_SLOW_STARTUP_WARNING_S, 30 s).
+_PLACEMENT_REFUSED = re.compile(r"PlacementError: ([^\n]+)")
+_UNSCHEDULED = re.compile(r"has (\d+) replicas that have taken more than \d+s to be scheduled\..*Resources required "
+                          r"for each replica: (.*?), total resources available: (.*?)\. Use", re.DOTALL)
 
 
 class PortInUseError(ClusterError):
@@ -53,13 +61,46 @@ def start_ray_and_serve(config: AppConfig, num_cpus: int | None = None) -> None:
     serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
 
 
-def deploy(configs: Sequence[AppConfig]) -> None:
-    """Deploys the applications together and waits until all are running."""
+def deploy(configs: Sequence[AppConfig], refuse_unscheduled: bool = False) -> None:
+    """Deploys the applications together and waits until all are running (see `wait_running`)."""
     from ray import serve
     from ray.serve import RunTarget
 
     serve.run_many([RunTarget(target=build_app(c), name=c.app_name, route_prefix=c.route_prefix)
-                    for c in configs])
+                    for c in configs], wait_for_applications_running=False)
+    wait_running([c.app_name for c in configs], refuse_unscheduled)
+
+
+def wait_running(names: Sequence[str], refuse_unscheduled: bool = False) -> None:
+    """Until every named application runs. RuntimeError (as serve.run) when one fails to deploy; a
+    PlacementError as soon as a deployment reports that its expert shards cannot be placed, where
+    Serve would retry that placement for many minutes before giving up. `refuse_unscheduled`
+    (a cluster of fixed size, as `moe-cluster serve` starts: nothing will come to free resources):
+    a PlacementError too once Serve reports replicas waiting for resources."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    pending = list(names)
+    while pending:
+        apps = serve.status().applications
+        for name in list(pending):
+            app = apps.get(name)
+            if app is None:
+                raise RuntimeError(f"Waiting for application {name} to be RUNNING, but it does not exist.")
+            for deployment_name, deployment in app.deployments.items():
+                if (refused := _PLACEMENT_REFUSED.search(deployment.message)) is not None:
+                    raise PlacementError(refused.group(1))
+                if refuse_unscheduled and (waiting := _UNSCHEDULED.search(deployment.message)) is not None:
+                    count, asked, free = waiting.groups()
+                    raise PlacementError(f"cannot place {count} replica(s) of {deployment_name} (application "
+                                         f"{name}): each asks for {asked}; free now: {free}. Free some, lower the "
+                                         "replicas' num_cpus / num_gpus, or give the cluster more (--num-cpus)")
+            if app.status == ApplicationStatus.RUNNING:
+                pending.remove(name)
+            elif app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise RuntimeError(f"Deploying application {name} failed: {app.message}")
+        if pending:
+            time.sleep(0.2)
 
 
 def stop() -> None:

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         # ray.init installs a SIGTERM handler that aborts the driver: put ours back.
         for s in previous:
             signal.signal(s, _interrupt)
-        launch.deploy([config])
+        # A local cluster of fixed size: a placement or replica that cannot be had is refused, not awaited.
+        launch.deploy([config], refuse_unscheduled=True)
         auth = "API key required" if config.api_keys else "no API key"
         print(f"moe-cluster: serving ({auth})\n"
               f"  HTTP  http://{config.host}:{config.http_port}  (OpenAI API under /v1, /health, /ready)\n"

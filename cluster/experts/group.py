@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +21,13 @@ from cluster.engine.engine_config import EngineConfig
 from cluster.engine.output_aggregator import OutputKind, RequestOutput
 from cluster.engine.run_requests import EngineRequest, run_requests
 from cluster.errors import ConfigError
+from cluster.experts.shard_placement import shard_placement_group
 from cluster.experts.shard_worker import ShardWorker, free_port
 
 if TYPE_CHECKING:
     from cluster.experts.dispatchers import RemoteDispatcher
 
 log = logging.getLogger(__name__)
-EXPERT_SLOT = "expert_slot"
 TRANSPORTS = ("deepspeed", "ray")
 
 
@@ -39,17 +40,24 @@ class GroupSpec:
     num_engines: int = 1  # engines sending to the shards (the ray transport coalesces their calls)
     exchange_deadline_s: float = 30.0
     torch_threads: int = 1
+    expert_cache_bytes: int = 0  # each shard's cache of dequantized FP8 experts, over its layers
+    placement_timeout_s: float = 45.0  # the shards' placement group, else PlacementError (what is asked, what is free)
 
 
 class ShardRegistry:
     """Ray actor: the placement group of the shards and the current shard actor of every rank;
-    replaces dead ones in their bundle."""
+    replaces dead ones in their bundle. It makes the group's wire secret (ray transport) and hands
+    it to its shards and, on request, to engines; nothing prints it (WireSecret's repr hides it)."""
 
     def __init__(self, spec: GroupSpec, require_distinct_nodes: bool | None = None, pg: Any = None) -> None:
         import ray
 
+        from cluster.experts.wire import WireSecret
+
         self.spec = spec
-        self.pg = pg if pg is not None else _shard_placement_group(spec, require_distinct_nodes)
+        self.secret = WireSecret.generate()
+        self.pg = pg if pg is not None else shard_placement_group(spec.num_shards, spec.placement_timeout_s,
+                                                                  require_distinct_nodes)
         self.generation = [0] * spec.num_shards
         self.shards = [self._start(rank) for rank in range(spec.num_shards)]
         ray.get([s.ready.remote() for s in self.shards])
@@ -58,12 +66,16 @@ class ShardRegistry:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        cls = ray.remote(num_cpus=0.01, max_concurrency=8, max_restarts=0)(ShardWorker)
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-        return cls.options(scheduling_strategy=strategy).remote(self.spec, rank)
+        return ray.remote(ShardWorker).options(num_cpus=0.01, max_concurrency=8, max_restarts=0,
+                                               scheduling_strategy=strategy).remote(self.spec, rank, self.secret)
 
     def current(self) -> tuple[list[Any], list[int]]:
         return self.shards, self.generation
+
+    def exchange_secret(self) -> Any:
+        """The WireSecret engines prove to the shards' exchange servers (ray transport)."""
+        return self.secret
 
     def shutdown(self) -> None:
         import ray
@@ -88,15 +100,18 @@ class ShardRegistry:
 class GroupMember:
     """An engine's membership in an expert group: forms the transport's `dispatcher` (the engine
     is then built over it) and re-forms the group when an exchange fails. Used inside an
-    `EngineWorker` actor and inside the Serve `EngineServer` deployment alike."""
+    `EngineWorker` actor and inside the Serve `EngineServer` deployment alike. `find_registry`
+    looks up the registry anew when the one held has died (Serve recreates a deployment actor that
+    fails its health check)."""
 
-    def __init__(self, spec: GroupSpec, registry: Any, owns_registry: bool = False) -> None:
+    def __init__(self, spec: GroupSpec, registry: Any, owns_registry: bool = False,
+                 find_registry: Callable[[], Any] | None = None) -> None:
         import ray
 
         from cluster.experts.placement import ExpertPlacement
         from cluster.model.config import load_model_config
 
-        self.spec, self.registry = spec, registry
+        self.spec, self.registry, self.find_registry = spec, registry, find_registry
         self.reform_seconds: list[float] = []
         text = load_model_config(spec.model_dir).text
         placement = ExpertPlacement.of_model(text, spec.num_shards)
@@ -104,7 +119,8 @@ class GroupMember:
         if spec.transport == "ray":
             from cluster.experts.transport_ray import RayDispatcher
 
-            dispatcher: Any = RayDispatcher(placement, shards, spec.exchange_deadline_s)
+            secret = ray.get(registry.exchange_secret.remote())
+            dispatcher: Any = RayDispatcher(placement, shards, secret, spec.exchange_deadline_s)
         else:
             from cluster.experts.transport_deepspeed import DeepSpeedDispatcher
 
@@ -136,11 +152,28 @@ class GroupMember:
         except Exception:  # noqa: BLE001 - best effort on the way out; the registry's owner is going too
             log.warning("releasing the expert group failed", exc_info=True)
 
+    def _current(self, timeout_s: float = 120.0) -> tuple[list[Any], list[int]]:
+        """The registry's shards and generations; when the registry is gone and `find_registry`
+        is set, its successor's (looked up until `timeout_s`: Serve recreates it within seconds,
+        and a new registry answers once its shards have loaded)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(self.registry.current.remote())
+            except ray.exceptions.RayActorError:
+                if self.find_registry is None or time.monotonic() > deadline:
+                    raise
+                log.warning("the expert registry is gone; joining its successor")
+                time.sleep(0.5)
+                self.registry = self.find_registry()
+
     def _reform(self, dispatcher: Any) -> None:
         import ray
 
         started = time.monotonic()
-        shards, generation = ray.get(self.registry.current.remote())
+        shards, generation = self._current()
         for rank, shard in enumerate(shards):
             try:
                 ray.get(shard.ping.remote(), timeout=5)
@@ -148,7 +181,7 @@ class GroupMember:
                 log.warning("expert shard %d is gone; replacing it", rank)
                 shards, generation = ray.get(self.registry.replace.remote(rank, generation[rank]))
         if self.spec.transport == "ray":
-            dispatcher.replace_shards(shards)
+            dispatcher.replace_shards(shards, ray.get(self.registry.exchange_secret.remote()))
         else:
             dispatcher.leave()
             self._form(dispatcher, shards)
@@ -196,7 +229,7 @@ class EngineWorker:
         return self.engine.stats()
 
     def reforms(self) -> list[float]:
-        return list(self.member.reform_seconds)
+        return list(self.member.reform_seconds) if self.member is not None else []
 
     def held(self) -> dict[str, int]:
         return {n: p.numel() for n, p in self.engine.model.named_parameters()}
@@ -238,11 +271,21 @@ class ExpertGroup:
             # Joins the cluster named by RAY_ADDRESS, or starts a local one.
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         self.spec = spec
-        self.registry = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry).remote(
-            spec, require_distinct_nodes)
-        worker_cls = ray.remote(num_cpus=0.01, max_concurrency=4)(EngineWorker)
-        self.engines = [worker_cls.remote(spec, self.registry) for _ in range(spec.num_engines)]
-        ray.get([e.start.remote() for e in self.engines])
+        # Placed here, so that a placement the cluster cannot hold is refused (PlacementError) in the caller.
+        pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, require_distinct_nodes)
+        # Actor handles are Any here as elsewhere: ray's types give their methods no `.remote`.
+        self.registry: Any = ray.remote(ShardRegistry).options(num_cpus=0, max_concurrency=4).remote(spec, pg=pg)
+        worker_cls = ray.remote(EngineWorker).options(num_cpus=0.01, max_concurrency=4)
+        self.engines: list[Any] = [worker_cls.remote(spec, self.registry) for _ in range(spec.num_engines)]
+        try:
+            ray.get([e.start.remote() for e in self.engines])
+        except BaseException:  # nothing of a group that did not start stays behind
+            from ray.util.placement_group import remove_placement_group
+
+            for actor in [*self.engines, self.registry]:
+                ray.kill(actor)
+            remove_placement_group(pg)
+            raise
         self.engine = self.engines[0]
 
     @property
@@ -259,10 +302,7 @@ class ExpertGroup:
         n = len(self.engines)
         refs = [e.generate.remote(requests[i::n]) for i, e in enumerate(self.engines)]
         parts = ray.get(refs)
-        out: list[RequestOutput] = [None] * len(requests)  # type: ignore[list-item]
-        for i, part in enumerate(parts):
-            out[i::n] = part
-        return out
+        return [parts[j % n][j // n] for j in range(len(requests))]  # request j went to engine j % n
 
     def validate(self, tokens: list[int]) -> None:
         import ray
@@ -303,35 +343,14 @@ def time_dispatch(engine: Any, num_tokens: int, repeats: int, seed: int = 0) -> 
     return times[2:]
 
 
-def _shard_placement_group(spec: GroupSpec, require_distinct_nodes: bool | None) -> Any:
-    """One bundle per shard; STRICT_SPREAD over `expert_slot` nodes when the cluster has enough."""
-    import ray
-    from ray.util.placement_group import placement_group
-
-    slots = int(ray.cluster_resources().get(EXPERT_SLOT, 0))
-    distinct = slots >= spec.num_shards
-    if require_distinct_nodes and not distinct:
-        raise ConfigError(f"{spec.num_shards} expert shards need {spec.num_shards} nodes with an "
-                          f"'{EXPERT_SLOT}' resource; the cluster has {slots}")
-    if not distinct:
-        log.warning("cluster has %d '%s' resources for %d shards: shards may share nodes",
-                    slots, EXPERT_SLOT, spec.num_shards)
-    bundle = {EXPERT_SLOT: 1, "CPU": 0.01} if distinct else {"CPU": 0.01}
-    pg = placement_group([bundle] * spec.num_shards, strategy="STRICT_SPREAD" if distinct else "PACK")
-    ray.get(pg.ready(), timeout=120)
-    return pg
-
-
-def shared_registry(spec: GroupSpec, name: str, detached: bool = True) -> Any:
-    """The named registry `name` (created with its shards on first use, then shared): how
-    Serve engine replicas find the expert shards they share. `detached=False` is for an engine that
-    owns its group (`GroupMember(..., owns_registry=True)` releases it on close): the registry
-    then fate-shares with the calling process, and the placement group is created here, so that a
-    caller that is itself a detached actor (a Serve replica) takes it along if it dies without
-    closing (a placement group lives as long as the job or detached actor that created it)."""
+def owned_registry(spec: GroupSpec, name: str) -> Any:
+    """The registry of an engine that owns its group (`GroupMember(..., owns_registry=True)`
+    releases it on close): it fate-shares with the calling process, and its placement group is
+    created here, so that a caller that is itself a detached actor (a Serve replica) takes it along
+    if it dies without closing (a placement group lives as long as the job or detached actor that
+    created it)."""
     import ray
 
-    cls = ray.remote(num_cpus=0, max_concurrency=4)(ShardRegistry)
-    if detached:
-        return cls.options(name=name, namespace="moe-cluster", get_if_exists=True, lifetime="detached").remote(spec)
-    return cls.options(name=name, namespace="moe-cluster").remote(spec, pg=_shard_placement_group(spec, None))
+    pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, name=name)
+    return ray.remote(ShardRegistry).options(num_cpus=0, max_concurrency=4, name=name,
+                                             namespace="moe-cluster").remote(spec, pg=pg)

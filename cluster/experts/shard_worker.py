@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.experts.wire import WireSecret
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +20,7 @@ def free_port() -> int:
 
 
 class ShardWorker:
-    def __init__(self, spec: Any, rank: int) -> None:
+    def __init__(self, spec: Any, rank: int, secret: WireSecret | None = None) -> None:
         import torch
 
         from cluster.experts.placement import ExpertPlacement
@@ -31,9 +34,12 @@ class ShardWorker:
         self.text = config.text
         placement = ExpertPlacement.of_model(self.text, spec.num_shards)
         self.rank, self.world = rank, spec.num_shards + 1
-        self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank)
+        self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank,
+                                  spec.expert_cache_bytes)
         self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_engines > 1 else 0.0)
         self.server: Any = None  # the ray transport's exchange server, started on first use
+        self._secret = secret  # the ray transport's: engines prove they hold it before a frame is read
+        self._max_rows = spec.engine.max_num_batched_tokens  # an engine step's tokens: the most one frame carries
         self._server_lock = threading.Lock()
         self._loop: threading.Thread | None = None
         self.exchanges = 0
@@ -52,16 +58,25 @@ class ShardWorker:
     # -- the ray transport -------------------------------------------------------------------
 
     def exchange_address(self) -> tuple[str, int]:
-        """Where this shard's exchange server listens (started on the first call): routers send
-        their rows there (cluster/exchange_wire.py)."""
+        """Where this shard's exchange server listens (started on the first call, on this node's
+        address only): engines send their rows there (cluster/experts/wire.py)."""
         import ray
 
-        from cluster.experts.wire import ExchangeServer
+        from cluster.experts.wire import ExchangeServer, FrameLimits
 
-        with self._server_lock:  # routers ask concurrently (the actor runs several calls at once)
+        with self._server_lock:  # engines ask concurrently (the actor runs several calls at once)
             if self.server is None:
-                self.server = ExchangeServer(self.coalescer.compute, self.text.hidden_size)
-        return ray.util.get_node_ip_address(), self.server.port
+                if self._secret is None:
+                    raise RuntimeError("this shard was started without the group's wire secret")
+                limits = FrameLimits(self.text.hidden_size, self.text.num_experts_per_tok, self._max_rows)
+                self.server = ExchangeServer(self.coalescer.compute, self._secret, limits,
+                                             host=ray.util.get_node_ip_address())
+        return self.server.host, self.server.port
+
+    def wire_peers(self) -> tuple[int, int]:
+        """(accepted, refused) connections of the exchange server: refused ones failed the
+        handshake, timed out in it, or sent a frame that does not parse or exceeds the limits."""
+        return (self.server.accepted, self.server.refused) if self.server is not None else (0, 0)
 
     def coalesced(self) -> tuple[int, int]:
         """(calls, batches): fewer batches than calls means calls from routers were merged."""
@@ -96,6 +111,9 @@ class ShardWorker:
 
     def held(self) -> dict[str, int]:
         return self.shard.held()
+
+    def resident_bytes(self) -> int:
+        return self.shard.resident_bytes()
 
     def reads(self) -> list[str]:
         return self.shard.reads

@@ -1,8 +1,8 @@
 """The `ray` transport: routers exchange rows with shard actors directly, M:N. Several routers
 share one set of shards; a shard coalesces the requests for the same layer that arrive together
 from several routers into one grouped computation. The rows travel over a persistent TCP
-connection per (router, shard) (exchange_wire.py); Ray actor calls carry only control (the
-shard's address, ping, replacement). Each exchange has a deadline; a failed shard raises
+connection per (engine, shard), proven with the group's secret (wire.py); Ray actor calls carry
+only control (the shard's address, ping, replacement). Each exchange has a deadline; a failed shard raises
 `ExchangeFailedError` so the router can re-form the group and re-run its step."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from cluster.experts.dispatchers import RemoteDispatcher
 from cluster.experts.placement import ExpertPlacement
 from cluster.experts.shard import ExpertShard, split_by_rank
-from cluster.experts.wire import ExchangeClient, WireError
+from cluster.experts.wire import ExchangeClient, WireError, WireSecret
 from cluster.model.dispatch import ExchangeFailedError
 
 
@@ -86,9 +86,11 @@ class RayDispatcher(RemoteDispatcher):
     """A router's side: sends each shard its rows over the shard's connection, then collects the
     partial sums, all under one deadline."""
 
-    def __init__(self, placement: ExpertPlacement, shards: list[Any], deadline_s: float = 30.0) -> None:
+    def __init__(self, placement: ExpertPlacement, shards: list[Any], secret: WireSecret,
+                 deadline_s: float = 30.0) -> None:
         super().__init__(placement, deadline_s)
         self.shards = list(shards)
+        self._secret = secret
         self._clients: dict[int, ExchangeClient] = {}
 
     def _client(self, rank: int, deadline: float) -> ExchangeClient:
@@ -97,7 +99,7 @@ class RayDispatcher(RemoteDispatcher):
         client = self._clients.get(rank)
         if client is None:  # control: ask the shard actor where its exchange server listens
             address = ray.get(self.shards[rank].exchange_address.remote(), timeout=_left(deadline))
-            client = self._clients[rank] = ExchangeClient(tuple(address), _left(deadline))
+            client = self._clients[rank] = ExchangeClient(tuple(address), self._secret, _left(deadline))
         return client
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -121,9 +123,11 @@ class RayDispatcher(RemoteDispatcher):
         self.routed.add(layer, topk_ids)
         return out
 
-    def replace_shards(self, shards: list[Any]) -> None:
+    def replace_shards(self, shards: list[Any], secret: WireSecret) -> None:
+        """New shards (a replaced one, or a new registry's, which comes with a new secret)."""
         self._disconnect()
         self.shards = list(shards)
+        self._secret = secret
 
     def close(self) -> None:
         self._disconnect()

@@ -1,7 +1,7 @@
 """An EngineServer replica's engine for the configured transport: `local` keeps every expert in the
-replica; `ray` makes engine replicas share one set of expert shards (a named registry, M:N);
-`deepspeed` gives each replica its own group of shards. The replica's telemetry wraps the
-transport's dispatcher (`wrap`) before the engine is built over it."""
+replica; `ray` makes engine replicas share one set of expert shards (the deployment's registry,
+M:N); `deepspeed` gives each replica its own group of shards (deployments.serving.expert_registry).
+The replica's telemetry wraps the transport's dispatcher (`wrap`) before the engine is built over it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import ConfigError
 from cluster.model.dispatch import Dispatcher
 from deployments.config import AppConfig
 
@@ -27,22 +26,8 @@ def transport_dispatcher(config: AppConfig, model_dir: Path) -> Dispatcher:
         from cluster.experts.dispatchers import load_local_dispatcher
 
         return load_local_dispatcher(model_dir, max(config.num_expert_shards, 1))
-    if config.num_expert_shards < 1:
-        raise ConfigError(f"transport {config.transport!r} needs num_expert_shards >= 1")
-    from ray import serve
+    from deployments.serving.expert_registry import engine_group
 
-    from cluster.experts.group import GroupMember, GroupSpec, shared_registry
-
-    # num_engines sizes the shards' request coalescing (ray: every engine replica shares them, up to
-    # the autoscaling ceiling); a deepspeed group pairs one engine with its own shards.
-    engines = 1 if config.transport == "deepspeed" else (
-        config.autoscaling.engine_bounds()[1] if config.autoscaling else config.num_engine_replicas)
-    spec = GroupSpec(str(model_dir), config.num_expert_shards, config.transport, config.engine.to_engine_config(),
-                     num_engines=engines, exchange_deadline_s=config.exchange_deadline_s)
-    name = f"{config.app_name}-experts"
-    owned = config.transport == "deepspeed"  # a process group pairs one engine with its own shards
-    if owned:  # ... which leave with the replica (scale-down, restart): the group is the unit
-        name += f"-{serve.get_replica_context().replica_id.unique_id}"
-    member = GroupMember(spec, shared_registry(spec, name, detached=not owned), owns_registry=owned)
-    logger.info("engine joined expert registry %s (%s, %d shards)", name, config.transport, config.num_expert_shards)
+    member = engine_group(config, model_dir)
+    logger.info("engine joined its expert group (%s, %d shards)", config.transport, config.num_expert_shards)
     return member.dispatcher

@@ -119,3 +119,22 @@ def test_serve_command_runs_stops_on_sigterm_and_restarts_on_the_same_ports(tmp_
     for port in (http_port, grpc_port):  # nothing left listening
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_serve_refuses_an_expert_placement_it_cannot_have(tmp_path, tiny_ckpt):
+    """`moe-cluster serve` with the ray transport on a one-CPU cluster that the ingress replica
+    fills: the expert shards' placement group (or, if it came first, the ingress replica) cannot
+    be had, so the command exits 2 with one line naming what was asked and what is free, instead
+    of waiting minutes and dying with a traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_text("transport: ray\nnum_expert_shards: 2\nexpert_placement_timeout_s: 5\n"
+                      "ingress_num_cpus: 1\nengine_num_cpus: 0\nvision: {num_replicas: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_ckpt),
+                           "--config", str(config), "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                           "--num-cpus", "1"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-cluster: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "cannot place" in errors[0] and "CPU" in errors[0] and "free now" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr.split("moe-cluster: error:")[-1]

@@ -3,7 +3,11 @@ distributed transports."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -12,6 +16,7 @@ import pytest
 import ray
 
 from cluster import LLM, SamplingParams
+from cluster.model.config import load_model_config
 from tests.reference import assert_matches_reference, reference_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -91,3 +96,79 @@ def test_a_killed_shard_is_replaced_and_requests_finish(expert_nodes, tiny_ckpt:
         assert free == total
     finally:
         llm.close()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def _pinned_ray_objects() -> tuple[set[str], set[str]]:
+    """(alive actors of the expert group's classes, placement groups not removed)."""
+    from ray.util.state import list_actors
+
+    classes = ("ShardWorker", "ShardRegistry", "EngineWorker")
+    actors = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+              if a.class_name in classes}
+    groups = {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+    return actors, groups
+
+
+def test_a_stranger_at_a_shard_port_gets_nothing_and_generation_still_matches(
+        expert_nodes, tiny_ckpt: Path, prompts, local_tokens) -> None:
+    """Each shard's exchange port, reached without the group's secret (a well-formed exchange
+    frame straight away; an answer to the challenge with a wrong HMAC), computes nothing and
+    closes the connection; the engines' own connections keep working, generation still matches;
+    and closing the LLM leaves no actor or placement group of its group behind."""
+    text = load_model_config(tiny_ckpt).text
+    before = _pinned_ray_objects()
+    llm = LLM(tiny_ckpt, transport="ray", num_expert_shards=2)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY, use_tqdm=False)] == local_tokens[:2]
+        shards = llm.group.shards
+        node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        for shard in shards:
+            host, port = ray.get(shard.exchange_address.remote())
+            assert host == node_ips[ray.get(shard.node_id.remote())] != "0.0.0.0"  # its node's address only
+            computed = ray.get(shard.coalesced.remote())[0]
+            n = 3
+            frame = (struct.pack("<iiiiB", text.moe_layers[0], n, text.hidden_size, text.num_experts_per_tok, 0)
+                     + bytes(n * text.hidden_size * 4) + bytes(n * text.num_experts_per_tok * 8)
+                     + bytes(n * text.num_experts_per_tok * 4))
+            with socket.create_connection((host, port), timeout=30) as raw:  # no handshake: a frame at once
+                raw.sendall(frame)
+                answer = _read_until_closed(raw)
+            assert answer[:4] == b"MOEX" and len(answer) == 37, answer  # the challenge, then closed: no rows
+            with socket.create_connection((host, port), timeout=30) as raw:  # a wrong HMAC, then the frame
+                raw.settimeout(30)
+                greeting = b""
+                while len(greeting) < 37:
+                    greeting += raw.recv(37 - len(greeting))
+                mine = b"c" * 32
+                raw.sendall(mine + hmac.new(b"w" * 32, b"client" + greeting[5:] + mine, hashlib.sha256).digest())
+                try:
+                    raw.sendall(frame)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                assert _read_until_closed(raw) == b""
+            assert ray.get(shard.coalesced.remote())[0] == computed  # nothing computed for the strangers
+            accepted, refused = ray.get(shard.wire_peers.remote())
+            assert refused == 2 and accepted >= 1
+        # The shards still answer the engine: a full generation matches, through the same connections.
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.token_ids for o in outs] == local_tokens
+        assert all(ray.get(s.wire_peers.remote())[1] == 2 for s in shards)
+    finally:
+        llm.close()
+    deadline = time.monotonic() + 60
+    while (left := _pinned_ray_objects()) != before:
+        assert time.monotonic() < deadline, f"left behind by LLM.close(): {left[0] - before[0]} {left[1] - before[1]}"
+        time.sleep(0.5)
