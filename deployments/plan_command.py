@@ -135,9 +135,9 @@ def serve_config(plan: MemoryPlan, model_dir: Path) -> dict[str, Any]:
         "model": str(Path(model_dir).resolve()),
         "transport": plan.transport,
         "num_expert_shards": plan.num_expert_shards,
-        "num_router_replicas": plan.num_engines,
+        "num_engine_replicas": plan.num_engines,
         # each replica asks Ray for the share of a GPU its memory takes
-        "router_num_gpus": _share(plan.engine_bytes(), usable) if gpu else 0.0,
+        "engine_num_gpus": _share(plan.engine_bytes(), usable) if gpu else 0.0,
         "engine": {"kv_cache_bytes": plan.engine_kv_bytes, "max_model_len": w.context,
                    "max_num_seqs": w.max_num_seqs, "block_size": w.block_size},
         "vision": {"num_replicas": 1 if plan.vision_bytes() else 0,

@@ -161,6 +161,8 @@ def test_written_config_is_a_serve_config_that_serve_takes(tmp_path, capsys):
     assert (config.transport, config.num_expert_shards, config.model) == ("ray", 1, str(model.resolve()))
     assert config.engine.max_model_len == CONTEXT
     assert config.engine.kv_cache_bytes == USABLE - FP8["dense"] - ENGINE_RESERVE
+    # GPU shares asked of Ray: the engine fills its GPU; the vision encoder's 2.30 GiB of 126 GiB -> 0.02
+    assert (config.num_engine_replicas, config.engine_num_gpus, config.vision.num_gpus) == (1, 1.0, 0.02)
 
 
 def test_headers_and_config_only_agree(tiny_ckpt, tmp_path):
