@@ -214,3 +214,17 @@ def test_client_cancels_abort(server, stub):
     after = server.wait_idle()
     assert after["aborts"] == before["aborts"] + n
     assert after["generation_tokens"] - before["generation_tokens"] < n * LONG
+
+
+def test_stop_strings_end_the_stream_and_abort_the_request(server, stub):
+    base = stub.Generate(pb.GenerateRequest(text="Hello", sampling=greedy(16)), metadata=server.metadata(), timeout=60)
+    stop = base.text[6:10]
+    want = base.text[:base.text.index(stop)]
+    before = server.wait_idle()
+    parts = list(stub.GenerateStream(pb.GenerateRequest(text="Hello", sampling=greedy(LONG, stop=[stop])),
+                                     metadata=server.metadata(), timeout=60))
+    assert "".join(p.text for p in parts) == want
+    assert (parts[-1].finish_reason, parts[-1].stop_reason) == ("stop", stop)
+    assert parts[-1].usage.completion_tokens == sum(len(p.token_ids) for p in parts)
+    after = server.wait_idle()
+    assert after["aborts"] == before["aborts"] + 1 and after["generation_tokens"] - before["generation_tokens"] < 50

@@ -248,3 +248,26 @@ def test_chat_with_an_image(server):
     assert seen.usage.prompt_tokens > plain.usage.prompt_tokens  # the image's [IMG] tokens
     assert seen.choices[0].finish_reason in ("stop", "length")
 
+
+def test_stop_strings_end_the_text_and_abort_the_request(server):
+    """The ingress makes the text and finds stop strings: nothing past the stop is sent, whole or
+    streamed, and the engine aborts the request (it would run on for 400 tokens) and frees it."""
+    body = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    base = openai_check.body(httpx.post(server.url("/v1/completions"), json=body, headers=server.headers, timeout=60))
+    text = base["choices"][0]["text"]
+    stop = text[6:10]
+    want = text[:text.index(stop)]
+    before = server.wait_idle()
+    long = {**body, "max_tokens": 400, "stop": [stop]}
+    whole = openai_check.body(httpx.post(server.url("/v1/completions"), json=long, headers=server.headers, timeout=60))
+    choice = whole["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (want, "stop", stop)
+    shown = ""
+    for chunk in client(server).completions.create(model="", prompt=long["prompt"], max_tokens=400, temperature=0,
+                                                   stop=[stop], stream=True, extra_body={"ignore_eos": True}):
+        shown += chunk.choices[0].text
+        assert want.startswith(shown), "streamed text went past the stop string"
+    assert shown == want and chunk.choices[0].finish_reason == "stop"
+    after = server.wait_idle()
+    assert after["aborts"] == before["aborts"] + 2
+    assert after["generation_tokens"] - before["generation_tokens"] < 100
