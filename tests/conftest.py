@@ -66,6 +66,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             if original is not None:
                 sys.modules["ray"].init = original
             if not was_up and _ray_initialized():
+                sys.modules["ray"].shutdown()  # so that the next unit test is checked on its own
                 pytest.fail(f"{item.nodeid} started Ray: unit tests run without it")
 
 
