@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ops.bench.common import (
     CACHE_ROOT,
@@ -49,8 +50,9 @@ class Side:
 
 SIDES = (Side("fp32", "fp32"), Side("bf16", "bf16", decode=False), Side("fp8", "fp8"),
          Side("fp8-cache", "fp8", cache_fraction=GOAL - 0.25))
-CHECKPOINTS = {"fp32": {"dtype": "float32", "fp8": None}, "bf16": {"dtype": "bfloat16", "fp8": None},
-               "fp8": {"dtype": "float32", "fp8": "block"}}
+CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "fp32": {"dtype": "float32", "fp8": None}, "bf16": {"dtype": "bfloat16", "fp8": None},
+    "fp8": {"dtype": "float32", "fp8": "block"}}
 
 
 def ensure_checkpoints(root: Path, preset: str, seed: int) -> dict[str, str]:
@@ -93,8 +95,13 @@ def run_side(spec: dict) -> dict:
     llm = LLM(spec["ckpt"], num_expert_shards=spec["shards"], expert_cache_bytes=cache_bytes,
               max_num_batched_tokens=512)
     load_s = time.perf_counter() - t0
-    shards = llm.engine.dispatcher.shards
-    out = {"load_s": load_s, "dtype": str(shards[0].dtype).removeprefix("torch.")}
+    from cluster.experts.dispatchers import LocalDispatcher
+
+    dispatcher = llm.engine.dispatcher if llm.engine is not None else None
+    if not isinstance(dispatcher, LocalDispatcher):
+        raise SystemExit("the benchmark runs the local transport: expected a LocalDispatcher")
+    shards = dispatcher.shards
+    out: dict[str, Any] = {"load_s": load_s, "dtype": str(shards[0].dtype).removeprefix("torch.")}
     if spec["decode"]:
         params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True)
                   for r in spec["workload"]]

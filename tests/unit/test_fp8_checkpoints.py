@@ -243,3 +243,39 @@ def test_modules_to_not_convert_is_honoured(fp8_ckpts, tmp_path: Path) -> None:
     with pytest.raises(TensorMismatchError, match=r"layers\.0\.mlp\.shared_experts\.\w+_proj\.weight is F8_E4M3, "
                                                   "expected F32 .*modules_to_not_convert leaves this module"):
         LLM(kept)
+
+
+def test_an_fp8_vision_tower_is_dequantized_at_load(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from cluster.model.vision import VisionEncoder
+    from cluster.testing.fp8_writer import write_fp8
+
+    ckpt = tmp_path / "vision-fp8"
+    shutil.copytree(tiny_ckpt, ckpt)
+    write_fp8(ckpt, "block", BLOCK, skip=("lm_head",))  # the tower and projector converted too
+    stored = load_file(ckpt / "model.safetensors")
+    name = "vision_tower.transformer.layers.0.attention.q_proj.weight"
+    assert stored[name].dtype == torch.float8_e4m3fn
+    encoder = VisionEncoder.from_reader(CheckpointReader(ckpt))
+    want = _dequantize_fp8_weight(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], list(BLOCK),
+                                  torch.float32)
+    assert torch.equal(encoder.tower.get_parameter(name.removeprefix("vision_tower.")), want)
+    assert encoder.encode([torch.rand(3, 32, 64)])[0].shape == (2, 64)
+
+
+@pytest.mark.parametrize("args, block", [(["--fp8", "static"], None), (["--fp8", "block", "--fp8-block", "32,16"],
+                                                                        [32, 16])])
+def test_make_checkpoint_writes_fp8(tmp_path: Path, args: list[str], block: list[int] | None) -> None:
+    from deployments.cli import main
+
+    out = tmp_path / "ckpt"
+    assert main(["make-checkpoint", "--preset", "tiny", "--out", str(out), "--expert-layout", "per_expert", *args]) == 0
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "fp8" and quant["weight_block_size"] == block
+    assert quant["activation_scheme"] == ("static" if block is None else "dynamic")
+    stored = load_file(out / "model.safetensors")
+    assert stored["language_model.model.layers.1.mlp.experts.5.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert stored["language_model.lm_head.weight"].dtype == torch.float32
+    outs = LLM(out).generate([[1, 500, 600]], GREEDY, use_tqdm=False)
+    assert len(outs[0].token_ids) == GREEDY.max_tokens
