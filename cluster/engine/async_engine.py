@@ -13,7 +13,7 @@ from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.output_aggregator import OutputAggregator, OutputKind, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import EngineOutput
-from cluster.engine.stats import EngineStats, KVLoad
+from cluster.engine.stats import EngineSnapshot, EngineStats
 from cluster.errors import InvalidSamplingParamsError
 from cluster.model.image_rows import ImageRows
 
@@ -35,8 +35,9 @@ class AsyncEngine:
     event loop also carries every other stream's outputs): they put the request in an inbox that
     the loop drains between steps, and the answer (outputs, or the refusal of bad input) comes
     back on the request's own queue. `stats()` and `check_integrity()` take the lock (and drain
-    the inbox first, so they see every add and abort made before them); `load` is published
-    after every step and drain and is read without it."""
+    the inbox first, so they see every add and abort made before them: tests and tools). Servers
+    read `snapshot` (stats, KV load, expert token counts), which the loop publishes after every
+    step and drain and which is read without the lock, so it never waits for a step."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -46,7 +47,7 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._error: BaseException | None = None
-        self.load: KVLoad = engine.kv_load()  # refreshed under the lock at every change; read without it
+        self.snapshot: EngineSnapshot = engine.snapshot()  # replaced under the lock at every change
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -149,7 +150,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, _Refused(exc))
                 continue
             self._queues[request_id] = (loop, queue)
-        self.load = self.engine.kv_load()
+        self.snapshot = self.engine.snapshot()
 
     def _loop(self) -> None:
         while True:
@@ -162,7 +163,7 @@ class AsyncEngine:
                     busy = self.engine.has_unfinished()
                     outputs = self.engine.step() if busy else []
                     if busy:
-                        self.load = self.engine.kv_load()
+                        self.snapshot = self.engine.snapshot()
                 except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
                     self._fail(exc)
                     return
