@@ -3,6 +3,7 @@ shared by `moe-cluster serve` and the end-to-end tests."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import logging
 import os
@@ -24,6 +25,16 @@ GRPC_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 _PLACEMENT_REFUSED = re.compile(r"PlacementError: ([^\n]+)")
 _UNSCHEDULED = re.compile(r"has (\d+) replicas that have taken more than \d+s to be scheduled\..*Resources required "
                           r"for each replica: (.*?), total resources available: (.*?)\. Use", re.DOTALL)
+
+
+def _short(asked: str, free: str) -> bool:
+    """Whether Serve's report shows a replica asking for more of a resource than is free (not just
+    a worker process that is slow to start on a busy machine)."""
+    try:
+        need, have = ast.literal_eval(asked), ast.literal_eval(free)
+        return any(amount > have.get(resource, 0.0) for resource, amount in need.items())
+    except (ValueError, SyntaxError, AttributeError, TypeError):
+        return False
 
 
 class PortInUseError(ClusterError):
@@ -90,7 +101,8 @@ def wait_running(names: Sequence[str], refuse_unscheduled: bool = False) -> None
             for deployment_name, deployment in app.deployments.items():
                 if (refused := _PLACEMENT_REFUSED.search(deployment.message)) is not None:
                     raise PlacementError(refused.group(1))
-                if refuse_unscheduled and (waiting := _UNSCHEDULED.search(deployment.message)) is not None:
+                waiting = _UNSCHEDULED.search(deployment.message) if refuse_unscheduled else None
+                if waiting is not None and _short(*waiting.groups()[1:]):
                     count, asked, free = waiting.groups()
                     raise PlacementError(f"cannot place {count} replica(s) of {deployment_name} (application "
                                          f"{name}): each asks for {asked}; free now: {free}. Free some, lower the "

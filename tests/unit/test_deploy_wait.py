@@ -60,6 +60,10 @@ def test_unschedulable_replicas_are_refused_only_when_asked(monkeypatch: pytest.
                            _status(ApplicationStatus.RUNNING))
     wait_running(["app"])  # a cluster that may grow (an autoscaler): waited for
     assert polls[0] == 2
+    slow = UNSCHEDULED.replace("{'CPU': 0.5}", "{'CPU': 3.0, 'memory': 1e9}")  # resources free: a slow start
+    polls = _serve_reports(monkeypatch, _status(ApplicationStatus.DEPLOYING, slow), _status(ApplicationStatus.RUNNING))
+    wait_running(["app"], refuse_unscheduled=True)
+    assert polls[0] == 2
 
 
 def test_a_failed_deploy_raises(monkeypatch: pytest.MonkeyPatch) -> None:
