@@ -96,15 +96,6 @@ class RequestTracker:
         _current.set(tracker)
         return tracker
 
-    @property
-    def streams(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def reason(self) -> str | None:
-        """What the request was counted as, once it was."""
-        return self.request.finished
-
     def wrap(self, generator: Any) -> Any:
         with self._lock:
             index = len(self._tokens)

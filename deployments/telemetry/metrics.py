@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from cluster.engine.stats import EngineSnapshot, EngineStats
@@ -88,13 +88,6 @@ class MetricDef:
     @property
     def exported(self) -> str:
         return RAY_PREFIX + self.name
-
-    @property
-    def series(self) -> tuple[str, ...]:
-        """The names Prometheus stores for it."""
-        if self.kind == "histogram":
-            return tuple(f"{self.exported}_{s}" for s in ("bucket", "sum", "count"))
-        return (self.exported,)
 
 
 def _m(name: str, kind: Kind, description: str, tags: tuple[str, ...] = (), buckets: tuple[float, ...] = (),
@@ -169,22 +162,9 @@ def metric(name: str) -> MetricDef:
     return METRICS_BY_NAME[key]
 
 
-def exported_series() -> set[str]:
-    """Every series name Prometheus stores for the project's metrics."""
-    return {s for m in METRICS for s in m.series}
-
-
 # ---------------------------------------------------------------------------------------------
 # Creating metrics
 # ---------------------------------------------------------------------------------------------
-
-class Recorder(Protocol):
-    """What a created metric offers: Ray's Counter.inc / Gauge.set / Histogram.observe."""
-
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
-    def set(self, value: float, tags: dict[str, str] | None = None) -> None: ...
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
-
 
 MetricFactory = Callable[[MetricDef], Any]
 
@@ -487,19 +467,6 @@ def render_table() -> str:
         kind = m.kind if m.kind != "histogram" else "histogram (" + ", ".join(f"{b:g}" for b in m.buckets) + " s)"
         lines.append(f"| `{m.exported}` | {kind} | {tags} | {m.recorder} | {m.description} |")
     return "\n".join([TABLE_BEGIN, *lines, TABLE_END])
-
-
-def documented_series(markdown: str) -> list[str]:
-    """Series names in the first column of the metrics table of a markdown text."""
-    if TABLE_BEGIN not in markdown or TABLE_END not in markdown:
-        return []
-    body = markdown.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
-    names = []
-    for line in body.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0].startswith("`ray_"):
-            names.append(cells[0].strip("`"))
-    return names
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from deployments.telemetry.metrics import exported_series
+from deployments.telemetry.metrics import METRICS
 from tests.ray_session import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,13 @@ def tool(name: str) -> str:
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def exported_series() -> set[str]:
+    """Every series name Prometheus stores for the project's metrics (a histogram: its bucket, sum
+    and count)."""
+    parts = {"histogram": ("_bucket", "_sum", "_count")}
+    return {m.exported + part for m in METRICS for part in parts.get(m.kind, ("",))}
 
 
 def known(name: str) -> bool:

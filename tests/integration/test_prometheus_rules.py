@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.telemetry.metrics import exported_series
 from tests.integration.prom_support import (
     DASHBOARDS,
     GRAFANA,
@@ -26,6 +25,7 @@ from tests.integration.prom_support import (
     ROOT,
     RULE_TESTS,
     RULES,
+    exported_series,
     known,
     panels,
     prom_query,

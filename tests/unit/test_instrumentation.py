@@ -82,6 +82,37 @@ class Clock:
         return self.now
 
 
+@pytest.fixture
+def default_metrics(fake, monkeypatch):
+    """The process-wide metric set (what the ingress records into) is the fake one."""
+    from deployments.telemetry import metrics
+
+    f, ms = fake
+    monkeypatch.setattr(metrics, "_default", ms)
+    return f
+
+
+class Stream:
+    """An engine stream as the ingress sees it (Serve's DeploymentResponseGenerator)."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    def cancel(self):
+        self.cancelled = True
+
+
 # ---------------------------------------------------------------------------------------------
 # RequestTracker
 # ---------------------------------------------------------------------------------------------
@@ -150,62 +181,31 @@ def test_a_request_that_never_reached_the_engine_is_not_counted(fake):
     assert not f.values["requests_finished_total"]
 
 
-def test_streams_opened_in_a_tracked_request_are_observed():
-    class Gen:
-        def __init__(self, items):
-            self.items, self.cancelled = list(items), False
-
-        async def __anext__(self):
-            if not self.items:
-                raise StopAsyncIteration
-            item = self.items.pop(0)
-            if isinstance(item, Exception):
-                raise item
-            return item
-
-        def cancel(self):
-            self.cancelled = True
+def test_streams_opened_in_a_tracked_request_are_observed(default_metrics):
+    f = default_metrics
 
     async def main():
-        plain = Gen([])
+        plain = Stream([])
         assert inst.observe_stream(plain) is plain  # outside a tracked request: untouched
         tracker = inst.RequestTracker.begin(deadline_s=30)
-        ok, bad = inst.observe_stream(Gen([out(1), out(2, True, "length")])), inst.observe_stream(Gen([RuntimeError()]))
+        ok, bad = inst.observe_stream(Stream([out(1), out(2, True, "length")])), inst.observe_stream(
+            Stream([RuntimeError()]))
         assert [o.token_ids for o in [x async for x in ok]] == [(0,), (0, 1)]
         with pytest.raises(RuntimeError):
             await bad.__anext__()
         bad.cancel()
-        assert bad._inner.cancelled and tracker._error and tracker.streams == 2
-        tracker.close()
+        assert bad.cancelled  # cancels reach the engine stream
+        assert tracker.close() == "error"  # one stream failed before the request completed
         assert inst.observe_stream(plain) is plain  # a closed tracker observes no more
 
     asyncio.run(main())
+    assert f.by("requests_finished_total", "reason") == {"error": 1}
+    assert len(f.observed("time_to_first_token_seconds")) == 1
 
 
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------
-
-class Stream:
-    """An engine stream as the ingress sees it (Serve's DeploymentResponseGenerator)."""
-
-    def __init__(self, items):
-        self.items, self.cancelled = list(items), False
-
-    async def __anext__(self):
-        if not self.items:
-            raise StopAsyncIteration
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def __aiter__(self):
-        return self
-
-    def cancel(self):
-        self.cancelled = True
-
 
 def http_app() -> FastAPI:
     app = FastAPI()
@@ -236,16 +236,6 @@ def http_app() -> FastAPI:
     app.add_middleware(Guard)
     app.add_middleware(inst.HttpMetricsMiddleware, get_tool_calls_id=lambda: 9)
     return app
-
-
-@pytest.fixture
-def default_metrics(fake, monkeypatch):
-    """The process-wide metric set (what the ingress records into) is the fake one."""
-    from deployments.telemetry import metrics
-
-    f, ms = fake
-    monkeypatch.setattr(metrics, "_default", ms)
-    return f
 
 
 def test_http_requests_are_tracked_to_their_outcome(default_metrics):
