@@ -16,6 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deployments.app import ENGINE_DEPLOYMENT
+from deployments.config import RENAMED_KEYS
+from deployments.serving.vision_deployment import DEPLOYMENT_NAME as VISION_DEPLOYMENT
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
@@ -182,14 +186,14 @@ def test_gpu_layout():
     docs = render("overlays/gpu")
     rs = rayservice("overlays/gpu")
     groups = {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert {"router", "expert", "vision"} <= set(groups)
+    assert {"engine", "expert", "vision"} <= set(groups)
     expert = groups["expert"]
     assert expert["resources"] == {"expert_slot": "1"}
     spec = expert["template"]["spec"]
     (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"].items() <= expert["template"]["metadata"]["labels"].items()
-    for name in ("router", "expert", "vision"):
+    for name in ("engine", "expert", "vision"):
         container = groups[name]["template"]["spec"]["containers"][0]
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -203,9 +207,14 @@ def test_gpu_layout():
     serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
     assert serve["http_options"]["host"] == "0.0.0.0"
     assert serve["applications"][0]["args"]["model"].startswith("/models/")
-    router = [d for d in serve["applications"][0]["deployments"] if d["name"] == "Router"][0]
-    assert router["ray_actor_options"]["resources"] == {"router_slot": 1}
-    assert groups["router"]["resources"] == {"router_slot": "1"}
+    app = serve["applications"][0]
+    # The overrides name deployments the application has (Serve refuses an unknown name), and the
+    # args use the current keys, none of the deprecated ones.
+    assert {d["name"] for d in app["deployments"]} <= {ENGINE_DEPLOYMENT, "Ingress", VISION_DEPLOYMENT}
+    assert not set(app["args"]) & set(RENAMED_KEYS) and "router" not in app["args"]["autoscaling"]
+    engine = [d for d in app["deployments"] if d["name"] == ENGINE_DEPLOYMENT][0]
+    assert engine["ray_actor_options"]["resources"] == {"engine_slot": 1}
+    assert groups["engine"]["resources"] == {"engine_slot": "1"}
 
 
 def test_serve_config_v2_is_the_project_serve_config():

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from cluster.engine.output_aggregator import RequestOutput
 from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
-from deployments.config import AppConfig, ConfigError, parse_config
+from deployments.config import RENAMED_KEYS, AppConfig, ConfigError, parse_config
 from deployments.errors import BadRequest, Unavailable
 from deployments.telemetry import instrumentation as inst
 from deployments.telemetry.autoscaling_settings import replica_options
@@ -505,6 +505,7 @@ def test_project_serve_config_is_the_cluster_one():
     config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
     assert config["http_options"]["host"] == "0.0.0.0"
     args = config["applications"][0]["args"]
+    assert not set(args) & set(RENAMED_KEYS) and "router" not in args["autoscaling"]  # the current names
     scaling = AppConfig.model_validate(args).autoscaling
     assert scaling is not None and scaling.engine.max_replicas >= 2
     assert AppConfig().host == "127.0.0.1"
