@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -35,6 +35,7 @@ REQUEST_ROUTER_CLASS = "deployments.serving.request_router:KVAwareRequestRouter"
 # the hop to the replica (a request still in flight is counted twice for a moment, never zero).
 IN_REPORT_MARGIN_S = 0.05
 DEFAULT_BLOCK_SIZE = 16
+ReplicaKey = TypeVar("ReplicaKey", bound=Hashable)  # Serve's ReplicaID; any key in unit tests
 
 
 @dataclass
@@ -51,15 +52,15 @@ class _Replica:
     routed: deque = field(default_factory=deque)  # _Routed entries since the report
 
 
-class KVScoreboard:
+class KVScoreboard(Generic[ReplicaKey]):
     """The routing decision, apart from Serve's machinery (unit-tested on its own)."""
 
     def __init__(self, stale_after_s: float = 3.0, clock: Callable[[], float] = time.time) -> None:
         self.stale_after_s = stale_after_s
         self.clock = clock
-        self._replicas: dict[Hashable, _Replica] = {}
+        self._replicas: dict[ReplicaKey, _Replica] = {}
 
-    def observe(self, replica: Hashable, stats: Mapping[str, Any] | None) -> None:
+    def observe(self, replica: ReplicaKey, stats: Mapping[str, Any] | None) -> None:
         """Takes a replica's latest report (the same one again is a no-op)."""
         now = self.clock()
         state = self._replicas.setdefault(replica, _Replica())
@@ -71,7 +72,7 @@ class KVScoreboard:
         while state.routed and state.routed[0].at < now - self.stale_after_s:
             state.routed.popleft()  # whatever report it was in, it is older than any fresh one
 
-    def fresh(self, replica: Hashable) -> bool:
+    def fresh(self, replica: ReplicaKey) -> bool:
         state = self._replicas.get(replica)
         if state is None or state.seq is None:
             return False
@@ -79,20 +80,21 @@ class KVScoreboard:
         # make a report look fresh or stale
         return self.clock() - state.seen_at <= self.stale_after_s
 
-    def score(self, replica: Hashable) -> float:
+    def score(self, replica: ReplicaKey) -> float:
         """Free KV blocks net of reported prompts and of what was routed here since the report."""
         state = self._replicas[replica]
         return float(state.stats.get("free_blocks", 0)) - sum(e.blocks for e in state.routed)
 
-    def load(self, replica: Hashable) -> int:
+    def load(self, replica: ReplicaKey) -> int:
         state = self._replicas[replica]
         routed = sum(1 for e in state.routed if e.blocks)
         return int(state.stats.get("running", 0)) + int(state.stats.get("waiting", 0)) + routed
 
-    def rank(self, replicas: Iterable[Hashable]) -> list[list[Hashable]]:
+    def rank(self, replicas: Iterable[ReplicaKey]) -> list[list[ReplicaKey]]:
         """Fresh replicas one per rank, most free blocks first (ties: fewer sequences, then random);
         the others together in a last rank."""
-        known, unknown = [], []
+        known: list[ReplicaKey] = []
+        unknown: list[ReplicaKey] = []
         for r in replicas:
             (known if self.fresh(r) else unknown).append(r)
         random.shuffle(known)
@@ -102,24 +104,24 @@ class KVScoreboard:
             ranks.append(unknown)
         return ranks
 
-    def routed(self, replica: Hashable, blocks: float) -> _Routed:
+    def routed(self, replica: ReplicaKey, blocks: float) -> _Routed:
         entry = _Routed(self.clock(), blocks)
         self._replicas.setdefault(replica, _Replica()).routed.append(entry)
         return entry
 
-    def move(self, entry: _Routed, replica: Hashable) -> _Routed:
+    def move(self, entry: _Routed, replica: ReplicaKey) -> _Routed:
         """A request counted at one replica went to another."""
         blocks, entry.blocks = entry.blocks, 0.0
         moved = _Routed(entry.at, blocks)
         self._replicas.setdefault(replica, _Replica()).routed.append(moved)
         return moved
 
-    def block_size(self, replica: Hashable) -> int:
+    def block_size(self, replica: ReplicaKey) -> int:
         state = self._replicas.get(replica)
         size = state.stats.get("block_size") if state else None
         return int(size) if size else DEFAULT_BLOCK_SIZE
 
-    def blocks_of(self, tokens: int, replica: Hashable) -> int:
+    def blocks_of(self, tokens: int, replica: ReplicaKey) -> int:
         return -(-(tokens + 1) // self.block_size(replica))
 
 
@@ -141,11 +143,11 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
     share its internal id, which FIFOMixin needs to tell them apart)."""
 
     def initialize_state(self, stale_after_s: float = 3.0, **kwargs: Any) -> None:
-        self.board = KVScoreboard(stale_after_s)
+        self.board: KVScoreboard[ReplicaID] = KVScoreboard(stale_after_s)
         self._counted: OrderedDict[int, tuple[ReplicaID, _Routed, float]] = OrderedDict()
         self.decisions: deque[tuple[str, str]] = deque(maxlen=1024)  # (request id, replica id)
 
-    def _board(self) -> KVScoreboard:
+    def _board(self) -> KVScoreboard[ReplicaID]:
         if not hasattr(self, "board"):  # initialize_state is Serve's to call; never fail without it
             self.initialize_state()
         return self.board
@@ -166,7 +168,7 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
             board.observe(r.replica_id, r.routing_stats)
             by_id[r.replica_id] = r
         tokens = request_tokens(pending_request)
-        if tokens is None:  # stats, info, abort: anywhere, Serve's choice
+        if pending_request is None or tokens is None:  # stats, info, abort: anywhere, Serve's choice
             return [candidate_replicas]
         ranks = board.rank(by_id)
         if len(ranks[0]) == 1:  # count it where it will most likely go (see the class doc)
@@ -207,6 +209,7 @@ def request_router_options(settings: Any) -> dict[str, Any]:
             request_routing_stats_period_s=settings.stats_period_s,
             request_routing_stats_timeout_s=settings.stats_timeout_s)}
     return {"request_router_config": RequestRouterConfig(
-        request_router_class=REQUEST_ROUTER_CLASS, request_router_kwargs={"stale_after_s": settings.stale_after_s},
+        request_router_class=REQUEST_ROUTER_CLASS,  # type: ignore[arg-type]  # ray: `**kwargs: dict[str, Any]`
+        request_router_kwargs={"stale_after_s": settings.stale_after_s},
         request_routing_stats_period_s=settings.stats_period_s,
         request_routing_stats_timeout_s=settings.stats_timeout_s)}
