@@ -35,7 +35,7 @@ def server(ray_session: RaySession, tiny_ckpt: Path, make_ckpt) -> Server:
             "tool": make_ckpt("tool", script=script["tool"]), "limits": tiny_ckpt}
     http_port, grpc_port = free_port(), free_port()
     common = dict(api_keys=[KEY], http_port=http_port, grpc_port=grpc_port, grpc_reflection=True,
-                  ingress_num_cpus=0, router_num_cpus=0, max_body_bytes=MAX_BODY,
+                  ingress_num_cpus=0, engine_num_cpus=0, max_body_bytes=MAX_BODY,
                   grpc_max_message_bytes=GRPC_APP_MAX, engine={"max_model_len": MAX_MODEL_LEN})
     no_vision = {"num_replicas": 0}
     apps = {
@@ -48,6 +48,6 @@ def server(ray_session: RaySession, tiny_ckpt: Path, make_ckpt) -> Server:
                             max_ongoing_requests=LIMIT, max_queued_requests=LIMIT, vision=no_vision,
                             **{**common, "engine": LIMITS_ENGINE}),
         "routing": AppConfig(model=str(dirs["main"]), app_name="routing", route_prefix="/routing", vision=no_vision,
-                             num_router_replicas=2, **{**common, "engine": ROUTING_ENGINE}),
+                             num_engine_replicas=2, **{**common, "engine": ROUTING_ENGINE}),
     }
     return Server(http_port, grpc_port, apps, dirs, ray_session)

@@ -9,7 +9,7 @@ deployed when a test first uses it (`Server.app`):
 - tool   (/tool)    scripted: `[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}`
 - limits (/limits)  the tiny checkpoint with 2 requests in flight at most: backpressure; small
                     prefill chunks (long prompts beside a decoding stream)
-- routing (/routing) the tiny checkpoint on two router replicas with small KV pools: KV-aware routing
+- routing (/routing) the tiny checkpoint on two engine replicas with small KV pools: KV-aware routing
 
 Only `main` runs a VisionEncoder deployment (batching window widened so that two concurrent
 requests share a batch); its image URLs may come from 127.0.0.1 (a test server) only.

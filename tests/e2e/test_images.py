@@ -1,5 +1,5 @@
 """Images end to end: the ingress decodes and checks them, the VisionEncoder deployment batches
-them, the router merges the embeddings; parity with transformers; every bad image a 4xx naming it."""
+them, the engine merges the embeddings; parity with transformers; every bad image a 4xx naming it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pieces of the ingress checked without Ray: readiness and UNAVAILABLE while no router answers,
+"""Pieces of the ingress checked without Ray: readiness and UNAVAILABLE while no engine server answers,
 the chat output parser against the stream's stop-string-safe text."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from deployments.grpc.service import GrpcMethods
 from deployments.protos import moe_cluster_pb2 as pb
 
 
-class LoadingRouter:
-    """A router handle whose replica is not up: every call fails."""
+class LoadingEngine:
+    """An EngineServer handle whose replica is not up: every call fails."""
 
     def options(self, **_):
         return self
@@ -52,11 +52,11 @@ class FakeContext:
 def loading(tiny_ckpt):
     config = AppConfig(model=str(tiny_ckpt), api_keys=["k"])
     ingress = GrpcMethods()
-    ingress.core = IngressCore(LoadingRouter(), config)
+    ingress.core = IngressCore(LoadingEngine(), config)
     return ingress, config
 
 
-def test_not_ready_until_a_router_answers(loading):
+def test_not_ready_until_an_engine_server_answers(loading):
     ingress, config = loading
     http = TestClient(create_http_app(lambda: ingress.core, config))
     r = http.get("/ready")

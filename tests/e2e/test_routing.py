@@ -1,4 +1,4 @@
-"""Long context at the serving level: KV-aware routing between two router replicas (the `routing`
+"""Long context at the serving level: KV-aware routing between two engine replicas (the `routing`
 app), and a long prompt prefilled in chunks beside a decoding stream (the `limits` app, 64-token
 steps)."""
 
@@ -16,10 +16,12 @@ from tests.e2e.support import ROUTING_ENGINE
 LONG_PROMPT = [1] + list(range(2000, 3500))  # 1501 tokens: 94 of the replica's KV blocks
 
 
-def router_replicas(app: str = "routing") -> list:
+def engine_replicas(app: str = "routing") -> list:
     import ray
 
-    prefix = f"SERVE_REPLICA::{app}#Router#"
+    from deployments.app import ENGINE_DEPLOYMENT
+
+    prefix = f"SERVE_REPLICA::{app}#{ENGINE_DEPLOYMENT}#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     return [ray.get_actor(n, namespace="serve") for n in names]
 
@@ -93,7 +95,7 @@ def test_new_requests_avoid_the_replica_holding_a_long_prompt(server):
     requests, a few blocks): new requests go to the one with more free KV blocks although it has
     more requests in flight (where Serve's default, the shorter queue, would send them)."""
     server.wait_idle("routing")
-    actors = router_replicas(server.app("routing").app_name)
+    actors = engine_replicas(server.app("routing").app_name)
     assert len(actors) == 2
     wait_reports_sent(actors)  # both replicas' reports have reached the ingress's request router
     base = reports(actors)

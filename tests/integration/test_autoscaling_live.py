@@ -1,12 +1,12 @@
 """Autoscaling of the real application on the session's local Ray cluster: a load of few long
-prompts fills the routers' KV cache while the ongoing requests stay far under the ingress target;
-`deployments.telemetry.autoscaling:RouterAutoscalingPolicy`, fed by the routers' `record_autoscaling_stats()`,
-scales the routers up, and the end of the load scales them down again. A trickle of short requests
-runs through both changes; no request fails.
+prompts fills the engines' KV cache while the ongoing requests stay far under the ingress target;
+`deployments.telemetry.autoscaling:EngineAutoscalingPolicy`, fed by the engine servers'
+`record_autoscaling_stats()`, scales the engine servers up, and the end of the load scales them down
+again. A trickle of short requests runs through both changes; no request fails.
 
-The routers run the `deepspeed` transport with `autoscaling.experts`: each router replica is a
-whole expert group (the router and its own expert shard), so the scale-up adds a group (a second
-shard actor appears) and the scale-down removes one (its shard goes with its router). The replicas
+The engines run the `deepspeed` transport with `autoscaling.experts`: each engine replica is a
+whole expert group (the engine and its own expert shard), so the scale-up adds a group (a second
+shard actor appears) and the scale-down removes one (its shard goes with its engine). The replicas
 report the expert signals (exchange latency, expert load) beside KV use and queue.
 
 Small KV pools (32 blocks of 16 tokens: one long request takes most of a replica) and short
@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from deployments.app import ENGINE_DEPLOYMENT
 from deployments.config import AppConfig
-from deployments.telemetry.autoscaling import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
+from deployments.telemetry.signals import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY
 from tests import openai_check
 from tests.ray_session import free_port
 
@@ -90,10 +91,10 @@ def _free_slots() -> tuple[float, float]:
     return ray.available_resources().get("expert_slot", 0.0), ray.cluster_resources().get("expert_slot", 0.0)
 
 
-def _router_stats() -> dict[str, float]:
+def _engine_stats() -> dict[str, float]:
     from ray import serve
 
-    return serve.get_deployment_handle("Router", APP).record_autoscaling_stats.remote().result(timeout_s=30)
+    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP).record_autoscaling_stats.remote().result(timeout_s=30)
 
 
 def _wait(what: str, condition: Callable[[], bool], timeout_s: float, seen: list) -> float:
@@ -125,10 +126,10 @@ def app_url(ray_session, before: Before, tiny_ckpt: Path):
 
     config = AppConfig(
         model=str(tiny_ckpt), app_name=APP, http_port=free_port(), grpc_port=free_port(), ingress_num_cpus=0,
-        router_num_cpus=0, vision={"num_replicas": 0}, transport="deepspeed", num_expert_shards=1,
+        engine_num_cpus=0, vision={"num_replicas": 0}, transport="deepspeed", num_expert_shards=1,
         engine={"block_size": 16, "num_kv_blocks": 32, "max_model_len": 512, "max_num_seqs": 4},
         autoscaling={"ingress": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, **FAST},
-                     "router": {"target_kv_usage": 0.5, "target_waiting": 1},
+                     "engine": {"target_kv_usage": 0.5, "target_waiting": 1},
                      # a latency target this loose never triggers here: KV use drives the groups
                      "experts": {"min_groups": 1, "max_groups": 2, "target_exchange_latency_s": 60, **FAST}})
     ray_session.serve(http_options(config), grpc_options(config))
@@ -141,7 +142,7 @@ def app_url(ray_session, before: Before, tiny_ckpt: Path):
         _wait("every expert slot free after shutdown", lambda: _free_slots()[0] == before.free_slots, 60, [])
 
 
-def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(before: Before, app_url: str) -> None:
+def test_long_prompts_scale_engines_up_and_their_end_scales_them_down(before: Before, app_url: str) -> None:
     results, seen = Results(), []
     stop_long, stop_short = threading.Event(), threading.Event()
     long_body = {"prompt": LONG_PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True, "temperature": 0}
@@ -152,30 +153,30 @@ def test_long_prompts_scale_routers_up_and_their_end_scales_them_down(before: Be
                                                             results, 0.0), daemon=True) for _ in range(2)]
 
     def replicas() -> tuple[int, int]:
-        now = (_running("Ingress"), _running("Router"))
+        now = (_running("Ingress"), _running(ENGINE_DEPLOYMENT))
         seen.append(now)
         return now
 
     assert replicas() == (1, 1)
-    assert _alive_shards() == before.shards + 1  # the first group: one router, its one shard
+    assert _alive_shards() == before.shards + 1  # the first group: one engine, its one shard
     assert _free_slots()[0] == before.free_slots - 1
     for t in threads:
         t.start()
     try:
-        # Two long requests at a time: KV use over its target (0.5) on one router, ongoing requests
+        # Two long requests at a time: KV use over its target (0.5) on one engine, ongoing requests
         # (2 + the trickle) far under the ingress target of 8.
-        up_s = _wait("scale-up to 2 routers", lambda: replicas()[1] == 2, 120, seen)
-        assert _alive_shards() == before.shards + 2  # a whole group: the new router came up with its own shard
+        up_s = _wait("scale-up to 2 engines", lambda: replicas()[1] == 2, 120, seen)
+        assert _alive_shards() == before.shards + 2  # a whole group: the new engine came up with its own shard
         long_before = results.ok["long"]
-        _wait("a long request on two routers", lambda: results.ok["long"] > long_before, 60, seen)
-        # Measured under load (the metrics poll runs every few seconds; a fresh replica has one reading).
+        _wait("a long request on two engines", lambda: results.ok["long"] > long_before, 60, seen)
+        # Measured under load, since the replica's previous report (its first report has none: a rate needs two).
         reported: list[dict[str, float]] = []
-        _wait("expert signals in a router's autoscaling stats", lambda: reported.append(_router_stats()) or (
+        _wait("expert signals in an engine's autoscaling stats", lambda: reported.append(_engine_stats()) or (
             reported[-1].get(EXCHANGE_LATENCY_KEY, 0) > 0 and reported[-1].get(EXPERT_LOAD_KEY, 0) > 0), 30, reported)
         stop_long.set()
         for t in threads[1:]:
             t.join(timeout=120)
-        down_s = _wait("scale-down to 1 router", lambda: replicas()[1] == 1, 90, seen)
+        down_s = _wait("scale-down to 1 engine", lambda: replicas()[1] == 1, 90, seen)
         _wait("the removed group's shard gone", lambda: _alive_shards() == before.shards + 1, 60, seen)
         _wait("the removed group's placement released", lambda: _free_slots()[0] == before.free_slots - 1, 60, seen)
         short_before = results.ok["short"]

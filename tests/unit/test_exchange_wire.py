@@ -77,10 +77,10 @@ def test_round_trip_is_exact_in_every_dtype(server, dtype):
         client.close()
 
 
-def test_routers_share_a_server_concurrently(server):
+def test_engines_share_a_server_concurrently(server):
     errors: list[BaseException] = []
 
-    def router(seed: int) -> None:
+    def engine(seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         client = connect(server)
         try:
@@ -94,7 +94,7 @@ def test_routers_share_a_server_concurrently(server):
         finally:
             client.close()
 
-    threads = [threading.Thread(target=router, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=engine, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
