@@ -3,7 +3,7 @@
 The engine emits only what is new in a step (`EngineOutput`: token ids, logprobs, the prompt ids
 once). An `OutputAggregator` per request makes the text (once), finds stop strings, and gives
 `RequestOutput`s of one `OutputKind`: everything so far after each step, only what is new, or one
-output at the end. `LLM`, `AsyncEngine.generate`, the expert group's routers and the serving
+output at the end. `LLM`, `AsyncEngine.generate`, the expert group's engines and the serving
 ingress all use it; none of them accumulates by itself.
 """
 

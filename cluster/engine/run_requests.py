@@ -1,5 +1,5 @@
 """Running a batch of requests on a synchronous `LLMEngine` until they finish (the offline API and
-the expert group's routers), with the outputs made by `OutputAggregator`s."""
+the expert group's engines), with the outputs made by `OutputAggregator`s."""
 
 from __future__ import annotations
 

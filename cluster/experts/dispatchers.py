@@ -42,8 +42,8 @@ class LocalDispatcher(Dispatcher):
 
 
 class RoutedCounter:
-    """The (token, expert) pairs a router sent to shards in other processes, per MoE layer: the
-    expert load as the router sees it (the shards count too, but their counts live over there)."""
+    """The (token, expert) pairs an engine sent to shards in other processes, per MoE layer: the
+    expert load as the engine sees it (the shards count too, but their counts live over there)."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -64,7 +64,7 @@ class RoutedCounter:
 class RemoteDispatcher(Dispatcher):
     """What the transports to shards in other processes share: the pairs they route (their
     token counts), `on_failure` (set by the group that can re-form them: `recover()` calls it) and
-    `on_close` (called once the transport has let go: e.g. to release a group the router owns)."""
+    `on_close` (called once the transport has let go: e.g. to release a group the engine owns)."""
 
     def __init__(self, placement: ExpertPlacement, deadline_s: float) -> None:
         self.placement = placement

@@ -79,14 +79,14 @@ class ShardWorker:
         return (self.server.accepted, self.server.refused) if self.server is not None else (0, 0)
 
     def coalesced(self) -> tuple[int, int]:
-        """(calls, batches): fewer batches than calls means calls from routers were merged."""
+        """(calls, batches): fewer batches than calls means calls from engines were merged."""
         return self.coalescer.calls, self.coalescer.batches
 
     # -- the deepspeed transport -------------------------------------------------------------
 
     def join_deepspeed(self, address: Any, deadline_s: float) -> None:
         """(Re-)joins the group as rank + 1 and serves exchanges in a thread until told to stop
-        or until the group breaks (then the router re-forms it and calls this again)."""
+        or until the group breaks (then the engine re-forms it and calls this again)."""
         from cluster.experts.transport_deepspeed import init_group, leave_group
 
         if self._loop is not None:
@@ -104,7 +104,7 @@ class ShardWorker:
         try:
             self.exchanges += run_shard(self.shard, self.rank + 1, self.world, self.text.hidden_size,
                                         self.text.num_experts_per_tok)
-        except Exception as exc:  # noqa: BLE001 - a broken group ends the loop; the router re-forms it
+        except Exception as exc:  # noqa: BLE001 - a broken group ends the loop; the engine re-forms it
             log.warning("shard %d: exchange loop ended: %s", self.rank, exc)
 
     # -- inspection --------------------------------------------------------------------------

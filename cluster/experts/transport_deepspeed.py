@@ -1,10 +1,10 @@
-"""The `deepspeed` transport: one router (rank 0) and its N expert shards (ranks 1..N) form a
+"""The `deepspeed` transport: one engine (rank 0) and its N expert shards (ranks 1..N) form a
 process group (gloo on CPUs, NCCL on GPUs) and step in lockstep. Each MoE layer's exchange:
 
-1. header all-to-all: the router tells each shard (layer, rows it will receive); -1 stops it;
-2. dispatch all-to-all: packed rows [n, H + 2K] (hidden, expert ids, weights) router -> shards;
+1. header all-to-all: the engine tells each shard (layer, rows it will receive); -1 stops it;
+2. dispatch all-to-all: packed rows [n, H + 2K] (hidden, expert ids, weights) engine -> shards;
 3. each shard computes its experts' weighted partial sums;
-4. combine all-to-all: partial sums [n, H] shards -> router, summed per token.
+4. combine all-to-all: partial sums [n, H] shards -> engine, summed per token.
 
 A member with no rows still joins every collective (with zero-row splits).
 """
@@ -32,7 +32,7 @@ NOOP = -2  # keeps idle shards inside the collective's deadline
 class GroupAddress:
     master_addr: str
     master_port: int
-    world_size: int  # router + shards
+    world_size: int  # engine + shards
 
 
 def init_group(address: GroupAddress, rank: int, timeout_s: float = 300.0) -> None:
@@ -67,7 +67,7 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
 
 
 class DeepSpeedDispatcher(RemoteDispatcher):
-    """The router's side (rank 0). Holds no expert weights."""
+    """The engine's side (rank 0). Holds no expert weights."""
 
     def __init__(self, placement: ExpertPlacement, hidden_size: int, top_k: int, deadline_s: float = 30.0) -> None:
         super().__init__(placement, deadline_s)
@@ -151,7 +151,7 @@ def _pack(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tor
 
 
 def run_shard(shard: ExpertShard, rank: int, world: int, hidden_size: int, top_k: int) -> int:
-    """The shard's side: serve exchanges until the router says stop; returns exchanges served."""
+    """The shard's side: serve exchanges until the engine says stop; returns exchanges served."""
     served = 0
     width = hidden_size + 2 * top_k
     while True:

@@ -1,9 +1,9 @@
-"""The `ray` transport: routers exchange rows with shard actors directly, M:N. Several routers
+"""The `ray` transport: engines exchange rows with shard actors directly, M:N. Several engines
 share one set of shards; a shard coalesces the requests for the same layer that arrive together
-from several routers into one grouped computation. The rows travel over a persistent TCP
+from several engines into one grouped computation. The rows travel over a persistent TCP
 connection per (engine, shard), proven with the group's secret (wire.py); Ray actor calls carry
 only control (the shard's address, ping, replacement). Each exchange has a deadline; a failed shard raises
-`ExchangeFailedError` so the router can re-form the group and re-run its step."""
+`ExchangeFailedError` so the engine can re-form the group and re-run its step."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class Coalescer:
 
 
 class RayDispatcher(RemoteDispatcher):
-    """A router's side: sends each shard its rows over the shard's connection, then collects the
+    """An engine's side: sends each shard its rows over the shard's connection, then collects the
     partial sums, all under one deadline."""
 
     def __init__(self, placement: ExpertPlacement, shards: list[Any], secret: WireSecret,

@@ -1,6 +1,6 @@
 """Reading Hugging Face safetensors checkpoints, whole or in part, unquantized or FP8.
 
-A router reads the dense part only; an expert shard reads only its experts' tensors (slices
+An engine reads the dense part only; an expert shard reads only its experts' tensors (slices
 of fused `gate_up_proj` / `down_proj` and of their scale grids, or its own per-expert tensors).
 `reads` records every tensor (and slice) taken from disk so tests can prove a partial load stays
 partial. Every tensor read is checked against `tensor_specs.expected_tensors` (the one place

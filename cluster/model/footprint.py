@@ -19,7 +19,7 @@ class ModelFootprint:
     config: ModelConfig
     dtype: str  # the unquantized tensors' dtype, also the engine's compute and KV dtype
     quant: Quantization | None
-    dense_bytes: int  # everything a router holds: embeddings, attention, norms, gates, shared experts, lm_head
+    dense_bytes: int  # everything an engine holds: embeddings, attention, norms, gates, shared experts, lm_head
     expert_bytes: int  # every routed expert of every MoE layer, scales included
     vision_bytes: int  # the Pixtral tower and the projector
     source: str  # "headers" or "config.json"

@@ -12,7 +12,8 @@ from cluster.model.layers import MLP
 
 
 class MoEGate(nn.Module):
-    """Mistral 4's router: softmax scores, group-limited top-k, optional renormalisation."""
+    """Mistral 4's gate (its checkpoint's `gate`): softmax scores, group-limited top-k, optional
+    renormalisation."""
 
     def __init__(self, text: TextConfig) -> None:
         super().__init__()
