@@ -54,11 +54,20 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, transport: str = "local", num_expert_shards: int = 0,
-                 num_routers: int = 1, exchange_deadline_s: float = 30.0,
-                 image_limits: ImageLimits | None = None) -> None:
+                 num_engines: int = 1, exchange_deadline_s: float = 30.0,
+                 image_limits: ImageLimits | None = None, num_routers: int | None = None,
+                 expert_cache_bytes: int = 0) -> None:
         """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
-        over in-process shards by placement). A distributed transport ("deepspeed") starts or joins
-        a Ray cluster and runs the router and `num_expert_shards` shards in their own actors."""
+        over in-process shards by placement). A distributed transport ("deepspeed", "ray") starts or
+        joins a Ray cluster and runs `num_engines` engines (attention; more than one only with "ray")
+        and `num_expert_shards` shards in their own actors. `num_routers` is the deprecated name of
+        `num_engines`. `expert_cache_bytes` caps, per expert shard (over its layers), the cache of dequantized
+        experts of an FP8 checkpoint (0: each routed expert is dequantized when used)."""
+        if num_routers is not None:
+            import warnings
+
+            warnings.warn("LLM(num_routers=...) is deprecated: use num_engines", DeprecationWarning, stacklevel=2)
+            num_engines = num_routers
         if model is None:
             from cluster.testing.embedded import embedded_checkpoint
 
@@ -74,7 +83,8 @@ class LLM:
         if transport == "local":
             from cluster.experts.dispatchers import load_local_dispatcher
 
-            self.engine = LLMEngine(model, config, load_local_dispatcher(model, max(num_expert_shards, 1)))
+            self.engine = LLMEngine(model, config, load_local_dispatcher(model, max(num_expert_shards, 1),
+                                                                                 expert_cache_bytes))
             self.tokenizer = self.engine.stop.tokenizer
         else:
             from cluster.experts.group import ExpertGroup, GroupSpec
@@ -82,7 +92,8 @@ class LLM:
             if num_expert_shards < 1:
                 raise ConfigError(f"transport {transport!r} needs num_expert_shards >= 1")
             self.group = ExpertGroup(GroupSpec(str(model), num_expert_shards, transport, config,
-                                               num_routers=num_routers, exchange_deadline_s=exchange_deadline_s))
+                                               num_engines=num_engines, exchange_deadline_s=exchange_deadline_s,
+                                               expert_cache_bytes=expert_cache_bytes))
             self.tokenizer = StopChecker.for_model_dir(self.model_dir, ()).tokenizer
         self._ids = itertools.count()
         self.image_limits = image_limits or ImageLimits()
