@@ -27,8 +27,8 @@ from deployments.grpc.convert import (
     generate_deltas,
     generate_whole,
 )
+from deployments.grpc.observe import observe_grpc
 from deployments.protos import moe_cluster_pb2 as pb
-from deployments.telemetry.instrumentation import observe_grpc
 
 SERVICE_NAME = "moe_cluster.v1.MoeCluster"
 HEALTH_WATCH_PERIOD_S = 1.0
@@ -87,7 +87,7 @@ class GrpcMethods:
 
     # -- MoeCluster --------------------------------------------------------------------------
 
-    @observe_grpc  # status counts; generation calls tracked (deployments.telemetry.instrumentation)
+    @observe_grpc  # status counts; generation calls tracked (deployments.grpc.observe)
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         async def run() -> pb.GenerateResponse:
             job = await start_completion(self.core, completion_body(request))

@@ -5,9 +5,9 @@ out of the request code so that each hook there is one line:
   cause). The HTTP middleware and the gRPC method wrapper start one per call and close it when
   the call ends; `EngineClient.open` hands every engine stream it opens to the current tracker
   (`observe_stream`, through a context variable), so the request code itself carries nothing.
-- gRPC: `observe_grpc` counts each call's status by method (Serve's own gRPC counts take a unary
-  call that set an error code for OK). HTTP status counts and end-to-end latency per route are Ray
-  Serve's own (`ray_serve_num_http_requests_total`, `ray_serve_http_request_latency_ms`).
+- gRPC calls are tracked by `deployments.grpc.observe.observe_grpc`, which also counts their status.
+  HTTP status counts and end-to-end latency per route are Ray Serve's own
+  (`ray_serve_num_http_requests_total`, `ray_serve_http_request_latency_ms`).
 - Engine replicas: `deployments.telemetry.engine_instrumentation`. Images: the ImagePipeline
   and the VisionEncoder deployment record through `VisionMetrics`.
 
@@ -19,28 +19,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
-import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from deployments.grpc.proxy_fix import forwarded_deadline
-from deployments.telemetry.metrics import GrpcMetrics, MetricSet, RequestMetrics
+from deployments.telemetry.metrics import MetricSet, RequestMetrics
 
 logger = logging.getLogger("ray.serve")
 
 CLIENT_CLOSED = 499  # the HTTP code recorded when the client went away before a response started
-GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "Chat", "ChatStream"})
-CHAT_METHODS = frozenset({"Chat", "ChatStream"})
 CHAT_PATH = "/chat/completions"
 DEADLINE_SLACK_S = 0.05
 
 
 @contextlib.contextmanager
-def _quiet(what: str) -> Iterator[None]:
+def quiet(what: str) -> Iterator[None]:
     try:
         yield
     except Exception:  # noqa: BLE001 - metrics never fail a request
@@ -104,7 +99,7 @@ class RequestTracker:
         return _ObservedStream(generator, self, index)
 
     def output(self, index: int, out: Any) -> None:
-        with _quiet("request output"), self._lock:
+        with quiet("request output"), self._lock:
             if self.request.finished is not None:
                 return
             new = len(out.token_ids)  # a delta: the tokens new in this output
@@ -127,7 +122,7 @@ class RequestTracker:
     def close(self, exc: BaseException | None = None, status: int | None = None) -> str | None:
         """The call is over (`exc`: what it raised; `status`: its HTTP status, or the HTTP
         equivalent of its gRPC code). Records the outcome once; returns it."""
-        with _quiet("request close"), self._lock:
+        with quiet("request close"), self._lock:
             if self.closed:
                 return self.request.finished
             self.closed = True
@@ -216,7 +211,7 @@ class HttpMetricsMiddleware:
         self.metrics = metrics
 
     def _tool_calls_id(self) -> int | None:
-        with _quiet("tool call token"):
+        with quiet("tool call token"):
             return self.get_tool_calls_id() if self.get_tool_calls_id else None
         return None
 
@@ -245,86 +240,3 @@ class HttpMetricsMiddleware:
             if status is None:
                 status = CLIENT_CLOSED if isinstance(error, asyncio.CancelledError) else 500
             tracker.close(error, status)
-
-
-# ---------------------------------------------------------------------------------------------
-# gRPC
-# ---------------------------------------------------------------------------------------------
-
-_GRPC_AS_HTTP = {"OK": 200, "CANCELLED": CLIENT_CLOSED, "DEADLINE_EXCEEDED": 504, "INVALID_ARGUMENT": 400,
-                 "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-                 "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "ALREADY_EXISTS": 409, "ABORTED": 409,
-                 "UNIMPLEMENTED": 501, "UNAVAILABLE": 503}
-
-
-def grpc_code_name(grpc_context: Any, exc: BaseException | None = None) -> str:
-    """The status a call ends with: the code set on the (Serve) context, else CANCELLED for a
-    cancelled call, UNKNOWN for an exception, OK."""
-    code = getattr(grpc_context, "code", None)
-    with _quiet("grpc code"):
-        code = code() if callable(code) else code
-    if code is not None and not callable(code):
-        return str(getattr(code, "name", code)).upper()
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
-    return "UNKNOWN" if exc is not None else "OK"
-
-
-def _grpc_tracker(self: Any, method: str, grpc_context: Any) -> RequestTracker | None:
-    if method not in GENERATION_METHODS:
-        return None
-    config = self.core.config
-    tool_calls_id = None
-    if method in CHAT_METHODS:
-        with _quiet("tool call token"):
-            tool_calls_id = self.core.tokenizer.tool_calls_id
-    return RequestTracker.begin(config.request_timeout_s, forwarded_deadline(grpc_context), tool_calls_id)
-
-
-def _grpc_done(method: str, grpc_context: Any, tracker: RequestTracker | None, exc: BaseException | None) -> None:
-    code = grpc_code_name(grpc_context, exc)
-    if code == "CANCELLED":  # the proxy cancels a call whose deadline passed: say which it was
-        deadline = forwarded_deadline(grpc_context)
-        if deadline is not None and time.time() >= deadline - DEADLINE_SLACK_S:
-            code = "DEADLINE_EXCEEDED"
-    if tracker is not None:
-        tracker.close(exc, _GRPC_AS_HTTP.get(code, 500))
-    with _quiet("grpc status"):
-        GrpcMetrics().response(method, code)
-
-
-def observe_grpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates an ingress gRPC method (unary or server streaming; `self.core` is its
-    IngressCore): counts its status by method name and tracks generation calls as requests."""
-    name = method.__name__
-
-    if inspect.isasyncgenfunction(method):
-        @functools.wraps(method)
-        async def streaming(self: Any, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
-            tracker = _grpc_tracker(self, name, grpc_context)
-            error: BaseException | None = None
-            try:
-                async with contextlib.aclosing(method(self, request, grpc_context)) as messages:
-                    async for message in messages:
-                        yield message
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _grpc_done(name, grpc_context, tracker, error)
-
-        return streaming
-
-    @functools.wraps(method)
-    async def unary(self: Any, request: Any, grpc_context: Any) -> Any:
-        tracker = _grpc_tracker(self, name, grpc_context)
-        error: BaseException | None = None
-        try:
-            return await method(self, request, grpc_context)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _grpc_done(name, grpc_context, tracker, error)
-
-    return unary

@@ -1,6 +1,6 @@
-"""deployments/telemetry/instrumentation.py, engine_instrumentation.py and the wiring of metrics and
-autoscaling into the app, without Ray: per-request tracking (latencies, finish reasons, aborts by
-cause), the HTTP middleware, the gRPC method wrapper, an engine replica's instrumentation and
+"""deployments/telemetry/instrumentation.py, engine_instrumentation.py, deployments/grpc/observe.py and
+the wiring of metrics and autoscaling into the app, without Ray: per-request tracking (latencies,
+finish reasons, aborts by cause), the HTTP middleware, the gRPC method wrapper, an engine replica's instrumentation and
 autoscaling stats (from the engine's published snapshot only), and the app's replica options from
 config (the renamed keys included)."""
 
@@ -20,6 +20,7 @@ from cluster.engine.output_aggregator import RequestOutput
 from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
 from deployments.config import RENAMED_KEYS, AppConfig, ConfigError, parse_config
 from deployments.errors import BadRequest, Unavailable
+from deployments.grpc.observe import grpc_code_name, observe_grpc
 from deployments.telemetry import instrumentation as inst
 from deployments.telemetry.autoscaling_settings import replica_options
 from deployments.telemetry.engine_instrumentation import EngineInstrumentation
@@ -270,7 +271,7 @@ class Ctx:
 class Methods:
     core = SimpleNamespace(config=SimpleNamespace(request_timeout_s=None), tokenizer=SimpleNamespace(tool_calls_id=9))
 
-    @inst.observe_grpc
+    @observe_grpc
     async def Generate(self, request, grpc_context):  # noqa: N802
         if request == "bad":  # refused before the engine: a status, not a request
             import grpc
@@ -281,11 +282,11 @@ class Methods:
             pass
         return "reply"
 
-    @inst.observe_grpc
+    @observe_grpc
     async def ListModels(self, request, grpc_context):  # noqa: N802
         return "models"
 
-    @inst.observe_grpc
+    @observe_grpc
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         async for o in inst.observe_stream(Stream([out(1), out(1), out(1, True, "length")])):
             yield o
@@ -321,9 +322,9 @@ def test_grpc_calls_are_counted_by_method_and_code_and_generation_calls_tracked(
 
 
 def test_grpc_code_of_a_context_without_a_code_method():
-    assert inst.grpc_code_name(SimpleNamespace(code=None)) == "OK"
-    assert inst.grpc_code_name(SimpleNamespace(code=None), asyncio.CancelledError()) == "CANCELLED"
-    assert inst.grpc_code_name(SimpleNamespace(code="UNAVAILABLE")) == "UNAVAILABLE"
+    assert grpc_code_name(SimpleNamespace(code=None)) == "OK"
+    assert grpc_code_name(SimpleNamespace(code=None), asyncio.CancelledError()) == "CANCELLED"
+    assert grpc_code_name(SimpleNamespace(code="UNAVAILABLE")) == "UNAVAILABLE"
 
 
 def test_the_proxy_forwards_the_client_deadline(monkeypatch):
