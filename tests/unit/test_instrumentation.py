@@ -513,3 +513,12 @@ def test_project_serve_config_is_the_cluster_one():
     scaling = AppConfig.model_validate(args).autoscaling
     assert scaling is not None and scaling.engine.max_replicas >= 2
     assert AppConfig().host == "127.0.0.1"
+
+
+def test_the_serve_command_takes_the_engine_replicas_flag_and_its_old_name(tiny_ckpt):
+    from deployments.cli import _parser
+    from deployments.serve_command import config_from_args
+
+    for flag in ("--num-engine-replicas", "--num-router-replicas"):
+        args = _parser().parse_args(["serve", "--model", str(tiny_ckpt), flag, "3"])
+        assert config_from_args(args).num_engine_replicas == 3
