@@ -21,6 +21,8 @@ from deployments.config import AppConfig
 from tests import openai_check
 from tests.e2e.support import Server
 
+pytestmark = pytest.mark.slow  # two more applications, each with its expert shards
+
 PROMPTS = [[1, 1784, 1500, 9001, 72], [1] + list(range(2000, 2030))]
 EXPERT_CLASSES = ("ShardWorker", "ShardRegistry", "ExpertRegistry")
 FAST = {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import httpx2 as httpx
+import pytest
 
 from tests import openai_check
 from tests.e2e.support import ROUTING_ENGINE
@@ -90,6 +91,7 @@ class Streamer(threading.Thread):
             time.sleep(0.02)
 
 
+@pytest.mark.slow  # its own application of two engine replicas
 def test_new_requests_avoid_the_replica_holding_a_long_prompt(server):
     """One replica holds a long prompt (1 request, 94 KV blocks), the other two short streams (2
     requests, a few blocks): new requests go to the one with more free KV blocks although it has

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # its own Ray cluster and Serve, in a child process
 
 
 def test_serve_benchmark_smoke(tiny_ckpt: Path) -> None:
