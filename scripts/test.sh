@@ -20,4 +20,6 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 ruff check .
+# Type check of cluster/ and deployments/ ([tool.mypy] in pyproject.toml).
+mypy
 exec python -m pytest "$@"
