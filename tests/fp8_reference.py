@@ -38,7 +38,7 @@ SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head",
         "model.language_model.layers.0.self_attn.o_proj"]
 SKIPPED_TENSOR = "language_model.model.layers.0.self_attn.o_proj.weight"
 _PREFIX = "language_model.model."
-# nn.Linear layers of the text model (transformers converts those; the router gate is no Linear)
+# nn.Linear layers of the text model (transformers converts those; the MoE gate is no Linear)
 _LINEAR = re.compile(r"^language_model\.model\.layers\.\d+\.(self_attn|mlp|mlp\.shared_experts)\."
                      r"\w+_proj(_with_mqa)?\.weight$")
 _FUSED = re.compile(r"^(language_model\.model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")

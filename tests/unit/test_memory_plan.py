@@ -31,7 +31,7 @@ LINEAR = (1024 * 4096          # q_a_proj
           + 4096 * 32 * 128    # o_proj
           + 3 * 2048 * 4096)   # shared expert gate, up, down
 assert LINEAR == 53_215_232
-NORMS_AND_GATE = (4096 + 4096 + 1024 + 256) + 128 * 4096  # four RMSNorms, the router's gate
+NORMS_AND_GATE = (4096 + 4096 + 1024 + 256) + 128 * 4096  # four RMSNorms, the MoE gate
 EMBED = 131072 * 4096
 DENSE_PARAMS = 36 * (LINEAR + NORMS_AND_GATE) + 2 * EMBED + 4096  # + embed, lm_head, final norm
 EXPERT_PARAMS = 3 * 2048 * 4096  # one expert of one layer
