@@ -1,7 +1,8 @@
 """Shared fixtures: checkpoints are written once per test session; the session's one Ray cluster
 (tests/ray_session.py) starts for the first test that needs it. Test tiers by directory (a marker
 each, see pyproject.toml): tests/unit `unit` (no Ray), tests/integration `integration`,
-tests/e2e `e2e`; `slow` and `gpu` are set per test."""
+tests/e2e `e2e`; `slow` and `gpu` are set per test, and every test that uses the expert-slot nodes
+(`expert_nodes`) is `slow`: the quick tiers never start them."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = path.relative_to(TESTS).parts[0] if TESTS in path.parents else None
         if tier in TIERS:
             item.add_marker(tier)
+        if "expert_nodes" in getattr(item, "fixturenames", ()):
+            item.add_marker("slow")
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(no_cuda)
 

@@ -29,7 +29,6 @@ def local_tokens(tiny_ckpt: Path, prompts) -> list[tuple[int, ...]]:
     return [o.token_ids for o in LLM(tiny_ckpt).generate(prompts, GREEDY, use_tqdm=False)]
 
 
-@pytest.mark.slow  # four expert-slot nodes on the session's cluster
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_deepspeed_group_matches_local_and_reference(expert_nodes, tiny_ckpt: Path, prompts, local_tokens,
                                                       num_shards: int) -> None:

@@ -19,8 +19,6 @@ from cluster import LLM, SamplingParams
 from cluster.model.config import load_model_config
 from tests.reference import assert_matches_reference, reference_greedy
 
-pytestmark = pytest.mark.slow  # four expert-slot nodes on the session's cluster
-
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
