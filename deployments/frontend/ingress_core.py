@@ -20,7 +20,7 @@ from deployments.frontend.engine_client import EngineClient, EngineStream, new_r
 from deployments.frontend.images import ImagePipeline
 from deployments.serving.request import GenerateRequest, ModelInfo
 from deployments.serving.vision_deployment import VisionClient
-from deployments.telemetry.metrics import VisionMetrics
+from deployments.telemetry.recorders import VisionMetrics
 
 logger = logging.getLogger("ray.serve")
 

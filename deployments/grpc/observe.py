@@ -16,7 +16,7 @@ from typing import Any
 
 from deployments.grpc.proxy_fix import forwarded_deadline
 from deployments.telemetry.instrumentation import CLIENT_CLOSED, DEADLINE_SLACK_S, RequestTracker, quiet
-from deployments.telemetry.metrics import GrpcMetrics
+from deployments.telemetry.recorders import GrpcMetrics
 
 GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "Chat", "ChatStream"})
 CHAT_METHODS = frozenset({"Chat", "ChatStream"})

@@ -23,7 +23,7 @@ from cluster.errors import RequestError
 from cluster.model.config import load_model_config
 from deployments.config import AppConfig, resolve_model_dir
 from deployments.errors import BadRequest, request_error
-from deployments.telemetry.metrics import VisionMetrics
+from deployments.telemetry.recorders import VisionMetrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.telemetry.metrics import AutoscalingMetrics, MetricSet
+from deployments.telemetry.metrics import MetricSet
+from deployments.telemetry.recorders import AutoscalingMetrics
 from deployments.telemetry.signals import EXCHANGE_LATENCY_KEY, EXPERT_LOAD_KEY, KV_USAGE_KEY, WAITING_KEY
 
 logger = logging.getLogger("ray.serve")

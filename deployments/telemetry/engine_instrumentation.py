@@ -20,7 +20,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from deployments.telemetry.metrics import EngineMetrics, MetricSet
+from deployments.telemetry.metrics import MetricSet
+from deployments.telemetry.recorders import EngineMetrics
 from deployments.telemetry.signals import ExchangeTotals, ExpertSignals, kv_signals, routed_pairs
 
 if TYPE_CHECKING:

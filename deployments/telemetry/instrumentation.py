@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from deployments.telemetry.metrics import MetricSet, RequestMetrics
+from deployments.telemetry.metrics import MetricSet
+from deployments.telemetry.recorders import RequestMetrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -5,7 +5,7 @@ dashboards and alerts without a model, and for the tests that query them through
 
 It starts Ray with its metrics export on `--metrics-port` and Serve with a stand-in `EngineServer`
 deployment that goes through the same code paths as the real ones: it records engine snapshots,
-request, expert and image metrics with deployments.telemetry.metrics' recorders, answers HTTP
+request, expert and image metrics with deployments.telemetry.recorders, answers HTTP
 (`POST /v1/completions`, sometimes 503) and gRPC (`MoeCluster/Generate`, sometimes
 INVALID_ARGUMENT or UNAVAILABLE, counted as the ingress counts them) through Serve's proxies, which count the
 HTTP ones (`ray_serve_num_http_requests_total`), and
@@ -40,7 +40,7 @@ app = FastAPI()
 @serve.ingress(app)
 class _EngineServer:
     def __init__(self) -> None:
-        from deployments.telemetry.metrics import EngineMetrics, GrpcMetrics, RequestMetrics, VisionMetrics
+        from deployments.telemetry.recorders import EngineMetrics, GrpcMetrics, RequestMetrics, VisionMetrics
 
         self.engine = EngineMetrics(transport="ray")
         self.vision = VisionMetrics()

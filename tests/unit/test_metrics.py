@@ -1,4 +1,5 @@
-"""deployments/telemetry/metrics.py without Ray: a fake factory records what the Ray metrics would get."""
+"""deployments/telemetry/metrics.py and recorders.py without Ray: a fake factory records what the Ray
+metrics would get."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import pytest
 
 from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
 from deployments.telemetry import metrics as dm
-from deployments.telemetry.metrics import (
-    METRICS,
+from deployments.telemetry.metrics import METRICS, MetricDef, MetricSet
+from deployments.telemetry.recorders import (
     AutoscalingMetrics,
     EngineMetrics,
     ExpertMetrics,
-    MetricDef,
-    MetricSet,
+    GrpcMetrics,
     RequestMetrics,
     VisionMetrics,
 )
@@ -232,8 +232,8 @@ def test_grpc_vision_and_autoscaling_recorders(fake):
     class Code:
         name = "INVALID_ARGUMENT"
 
-    dm.GrpcMetrics(ms).response("Generate", Code())
-    dm.GrpcMetrics(ms).response("Generate", "ok")
+    GrpcMetrics(ms).response("Generate", Code())
+    GrpcMetrics(ms).response("Generate", "ok")
     assert factory["grpc_responses_total"].total == {(("code", "INVALID_ARGUMENT"), ("method", "Generate")): 1,
                                                      (("code", "OK"), ("method", "Generate")): 1}
     v = VisionMetrics(ms)
@@ -261,7 +261,7 @@ def test_engine_metrics_from_a_snapshot(fake):
     """Everything an engine replica exports comes from one published snapshot: the stats, the
     re-form times and the expert token counts."""
     factory, ms = fake
-    em = dm.EngineMetrics(ms, transport="ray")
+    em = EngineMetrics(ms, transport="ray")
     load = KVLoad(free_blocks=50, reserved_blocks=0, total_blocks=100, block_size=16, num_running=1, num_waiting=0)
     em.observe(EngineSnapshot(stats(num_running=1, kv_blocks_used=50, generation_tokens=9), load, {0: [1, 3]}, (1.0,)))
     em.observe(EngineSnapshot(stats(num_running=1, kv_blocks_used=50, generation_tokens=12), load, {0: [2, 6]},
