@@ -9,7 +9,6 @@ every step.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +22,10 @@ CacheKey = tuple[int, int]  # (layer, local expert)
 
 
 class DequantizedCache:
-    """Least recently used dequantized experts (gate_up [2I, H], down [H, I]) under a byte cap."""
+    """Dequantized experts (gate_up [2I, H], down [H, I]) under a byte cap. A step walks the layers
+    in order, so least-recently-used eviction would throw out each expert just before its next use
+    whenever the working set exceeds the cap; instead an expert is let in over the cached one used
+    least often, and only if it has been used more often: hot experts stay, whatever the cap."""
 
     def __init__(self, cap_bytes: int) -> None:
         if cap_bytes < 0:
@@ -31,15 +33,16 @@ class DequantizedCache:
         self.cap_bytes = cap_bytes
         self.nbytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[CacheKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._uses: dict[CacheKey, int] = {}
+        self._entries: dict[CacheKey, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, expert: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._uses[expert] = self._uses.get(expert, 0) + 1
         entry = self._entries.get(expert)
         if entry is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(expert)
+        else:
+            self.hits += 1
         return entry
 
     def put(self, expert: CacheKey, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -47,8 +50,10 @@ class DequantizedCache:
         if size > self.cap_bytes:
             return
         while self.nbytes + size > self.cap_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= sum(t.nbytes for t in evicted)
+            victim = min(self._entries, key=lambda k: self._uses[k])
+            if self._uses[victim] >= self._uses.get(expert, 0):
+                return  # the newcomer is no hotter than anything cached
+            self.nbytes -= sum(t.nbytes for t in self._entries.pop(victim))
         self._entries[expert] = entry
         self.nbytes += size
 

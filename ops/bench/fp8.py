@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--requests", type=int, default=None, help="decode workload: requests (default 8; 3 with --smoke)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode workload: new tokens per request "
+                                                                  "(default 32; 6 with --smoke)")
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.preset = args.preset or ("tiny" if args.smoke else "bench")
     args.repeats = args.repeats or (1 if args.smoke else 2)
-    args.prompt_len, args.max_tokens, n = (8, 6, 3) if args.smoke else (32, 48, 8)
+    args.prompt_len = 8 if args.smoke else 32
+    args.max_tokens = args.new_tokens or (6 if args.smoke else 32)
+    n = args.requests or (3 if args.smoke else 8)
     args.workload = [{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in make_workload(
         args.seed, n, (args.prompt_len, args.prompt_len), (args.max_tokens, args.max_tokens), (TOKEN_LOW, 131071))]
     ckpts = ensure_checkpoints(args.ckpt_root or CACHE_ROOT, args.preset, args.seed)

@@ -119,7 +119,7 @@ def test_dequantized_cache_keeps_hot_experts_under_its_cap(fp8_ckpts) -> None:
     cache = DequantizedCache(3 * per_expert)
     cached = RoutedExperts(text.n_routed_experts, range(8), gate_up, down, torch.float32, cache, layer=1)
     gen = torch.Generator().manual_seed(0)
-    for experts in ([0, 1, 2], [0, 1, 2], [3, 4, 5, 6, 7], [6, 7]):  # hits, then evictions, then hits
+    for experts in ([0, 1, 2], [0, 1, 2], [3, 4, 5, 6, 7], [6, 7]):  # misses, hits, then colder experts
         hidden = torch.randn(6, text.hidden_size, generator=gen)
         ids = torch.tensor(experts)[torch.randint(0, len(experts), (6, 4), generator=gen)]
         weights = torch.rand(6, 4, generator=gen)
@@ -132,6 +132,24 @@ def test_dequantized_cache_keeps_hot_experts_under_its_cap(fp8_ckpts) -> None:
     shard.compute(1, hidden, ids, weights)
     assert shard.cache is not None and shard.cache.nbytes > 0
     assert shard.resident_bytes() == sum(e.resident_bytes() for e in shard.experts.values()) + shard.cache.nbytes
+
+
+def test_cache_keeps_experts_when_a_step_uses_more_than_it_holds() -> None:
+    entry = (torch.zeros(4), torch.zeros(4))  # 32 bytes
+    cache = DequantizedCache(2 * 32)
+
+    def use(key: tuple[int, int]) -> None:
+        if cache.get(key) is None:
+            cache.put(key, entry)
+
+    for _ in range(3):  # steps walk 4 layers in order; least-recently-used eviction would never hit
+        for layer in range(4):
+            use((layer, 0))
+    assert (cache.hits, cache.misses) == (4, 8)
+    for _ in range(4):  # an expert used more often than a cached one takes its place
+        use((9, 0))
+    assert cache.get((9, 0)) is not None and cache.nbytes == 64
+    cache.check_integrity()
 
 
 def test_mistral_native_files_beside_the_hf_ones_are_left_alone(fp8_ckpts, tmp_path: Path) -> None:
