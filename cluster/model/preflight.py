@@ -98,7 +98,9 @@ def check_tensors(config: ModelConfig, headers: CheckpointHeaders, quant: Quanti
     for name in sorted(names):
         # what the engine loads: the text model's tensors, and the tower's when it has one
         read = config.vision is not None if name.startswith(vision_roots) else name.startswith(prefix)
-        if read and name not in expected and name not in LM_HEAD_NAMES:
+        # transformers saves an empty shared_experts MLP when n_shared_experts is 0: nothing to place
+        empty = headers.tensors[name].numel == 0
+        if read and not empty and name not in expected and name not in LM_HEAD_NAMES:
             raise TensorMismatchError(f"{_file(headers, headers.tensors[name])}: unexpected tensor {name}: "
                                       "config.json has no place for it")
     bytes_by_part = dict.fromkeys(PARTS, 0)
