@@ -21,6 +21,11 @@ import torch
 from cluster.model.config import TextConfig
 
 
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold `num_tokens` tokens (the request router counts with it too)."""
+    return -(-num_tokens // block_size)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
@@ -39,7 +44,7 @@ class BlockManager:
         return self.num_blocks - len(self._free)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_needed(num_tokens, self.block_size)
 
     def num_held(self, seq_id: int) -> int:
         """Blocks in `seq_id`'s table (shared ones included)."""

@@ -30,6 +30,8 @@ from typing import Any, Generic, TypeVar
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from cluster.engine.block_manager import blocks_needed
+
 REQUEST_ROUTER_CLASS = "deployments.serving.request_router:KVAwareRequestRouter"
 # A request routed this long before a report's clock is taken to be in it; the margin covers
 # the hop to the replica (a request still in flight is counted twice for a moment, never zero).
@@ -122,7 +124,7 @@ class KVScoreboard(Generic[ReplicaKey]):
         return int(size) if size else DEFAULT_BLOCK_SIZE
 
     def blocks_of(self, tokens: int, replica: ReplicaKey) -> int:
-        return -(-(tokens + 1) // self.block_size(replica))
+        return blocks_needed(tokens + 1, self.block_size(replica))  # the prompt and its first token
 
 
 def request_tokens(pending_request: PendingRequest | None) -> int | None:
