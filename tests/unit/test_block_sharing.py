@@ -144,16 +144,16 @@ def test_abort_before_the_choices_are_forked(llm: LLM) -> None:
 
 
 def test_preemption_keeps_the_counts_right(tiny_ckpt: Path) -> None:
-    # Four choices of a 40-token prompt (2 full blocks shared) growing to 90 tokens need
-    # 2 + 4 * 4 = 18 blocks at the end; the pool holds 10, so choices are preempted and recomputed.
+    # Four choices of a 40-token prompt (2 full blocks shared) growing to 70 tokens need
+    # 2 + 4 * 3 = 14 blocks at the end; the pool holds 10, so choices are preempted and recomputed.
     prompt = [1] + list(range(4000, 4039))
-    greedy = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     reference = LLM(tiny_ckpt, block_size=BS, num_kv_blocks=64, max_model_len=160)
     expected = reference.generate([prompt], greedy, use_tqdm=False)[0].token_ids
 
     llm = LLM(tiny_ckpt, block_size=BS, num_kv_blocks=10, max_model_len=160, max_num_batched_tokens=128)
     engine = llm.engine
-    engine.add_request("p", prompt, SamplingParams(n=4, temperature=0, max_tokens=50, ignore_eos=True))
+    engine.add_request("p", prompt, SamplingParams(n=4, temperature=0, max_tokens=30, ignore_eos=True))
     tokens = _run_to_end(engine)  # check_integrity after every step
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to run short"
     assert engine.blocks.num_free == engine.blocks.num_blocks
