@@ -140,7 +140,7 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, ckpts: dict
         f"{len(args.workload)} requests, prompts of {args.prompt_len} tokens, {args.max_tokens} new tokens each, "
         f"greedy; best of {args.repeats} alternating run(s) per side.", "",
         "| side | compute dtype | resident expert bytes per shard (MiB, largest shard) | vs fp32 load "
-        "| decode output tokens/s | vs fp32 |",
+        "| output tokens/s (prefill included) | vs fp32 |",
         "|---|---|---|---|---|---|",
     ]
     for side in SIDES:
@@ -161,6 +161,13 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, ckpts: dict
                   "the fp8 weights."]
     same = best["fp8"].get("token_ids") == best["fp8-cache"].get("token_ids")
     lines.append(f"The FP8 sides with and without the cache generate the same tokens: {same}.")
+    lines += ["", "Reading: an FP8 shard dequantizes each routed expert a step uses (fp8 value x block scale, in "
+                  "the compute dtype) before its matmul; at a few tokens per expert per step that costs about as "
+                  "much as the matmul itself on CPUs, which is what the FP8 rows pay against fp32. The cache "
+                  "trades memory back for it: at the 0.05x left under the goal it holds a few experts per shard, "
+                  "so with this random model's near-uniform routing it hits rarely; hot experts of a real router "
+                  "would stay in it (an expert enters over the least-used cached one only when used more often). "
+                  "Throughput on this shared 2-core machine is noisy: compare within a run, not across runs."]
     return "\n".join(lines)
 
 
