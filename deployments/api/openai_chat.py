@@ -12,8 +12,8 @@ from cluster.model.tokenizer import Tokenizer
 from deployments.api.chat_parser import ChatDelta, ChatParser
 from deployments.api.openai_completions import Job
 from deployments.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
-from deployments.api.outputs import SSE_DONE, TokenText, chat_logprobs, sse, usage
-from deployments.errors import APIError, BadRequest, to_api_error
+from deployments.api.outputs import TokenText, chat_logprobs, sse, usage
+from deployments.errors import BadRequest
 from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
 
@@ -61,6 +61,8 @@ def tool_call_json(call: Any, index: int | None = None) -> dict[str, Any]:
 
 
 class ChatJob(Job):
+    CHUNK_OBJECT = "chat.completion.chunk"
+
     def __init__(self, core: IngressCore, body: ChatCompletionRequest, rid: str, streams: list[EngineStream],
                  prompt: list[int], model: str, forced: list[int] | None = None) -> None:
         super().__init__(rid, streams, model, body.include_usage)
@@ -69,6 +71,9 @@ class ChatJob(Job):
         self.parsers = [ChatParser(core.tokenizer) for _ in streams]
         for parser in self.parsers:
             parser.prime(forced or [])
+
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
 
     async def collect(self) -> dict[str, Any]:
         try:
@@ -93,44 +98,27 @@ class ChatJob(Job):
                 choice["prompt_token_ids"], choice["token_ids"] = self.prompt, list(out.token_ids)
             choices.append(choice)
         return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(len(self.prompt), self.completion_tokens())}
+                "choices": choices, "usage": usage(self.prompt_tokens(), self.completion_tokens())}
 
-    async def events(self) -> AsyncIterator[str]:
-        try:
-            for i in range(len(self.streams)):
-                yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]))
-            async for i, out in merged(self.streams):  # text deltas
-                parser = self.parsers[i]
-                delta = parser.feed(out.token_ids, len(out.text), out.finished)
-                lps = out.logprobs or ()
-                if delta or lps:
-                    choice: dict[str, Any] = {"index": i, "delta": _delta_json(delta), "finish_reason": None,
-                                              "logprobs": chat_logprobs(self.tokens, lps) if self.body.logprobs
-                                              else None}
-                    if self.body.return_token_ids:
-                        choice["token_ids"] = list(out.token_ids)
-                    yield sse(self._chunk([choice]))
-                if out.finished:
-                    yield sse(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                            "finish_reason": parser.finish_reason(out.finish_reason),
-                                            "stop_reason": out.stop_reason}]))
-            if self.include_usage:
-                yield sse(self._chunk([], usage(len(self.prompt), self.completion_tokens())))
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield sse(to_api_error(exc).body())
-        finally:
-            self.cancel()
-        yield SSE_DONE
-
-    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.model, "choices": choices}
-        if self.include_usage:
-            chunk["usage"] = use
-        return chunk
+    async def _choice_events(self) -> AsyncIterator[str]:
+        for i in range(len(self.streams)):
+            yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]))
+        async for i, out in merged(self.streams):  # text deltas
+            parser = self.parsers[i]
+            delta = parser.feed(out.token_ids, len(out.text), out.finished)
+            lps = out.logprobs or ()
+            if delta or lps:
+                choice: dict[str, Any] = {"index": i, "delta": _delta_json(delta), "finish_reason": None,
+                                          "logprobs": chat_logprobs(self.tokens, lps) if self.body.logprobs
+                                          else None}
+                if self.body.return_token_ids:
+                    choice["token_ids"] = list(out.token_ids)
+                yield sse(self._chunk([choice]))
+            if out.finished:
+                yield sse(self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                        "finish_reason": parser.finish_reason(out.finish_reason),
+                                        "stop_reason": out.stop_reason}]))
 
 
 def _delta_json(delta: ChatDelta) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from deployments.frontend.ingress_core import IngressCore
 class Job(ABC):
     """Started engine streams of one API request; `cancel` aborts them all (idempotent)."""
 
+    CHUNK_OBJECT: str  # the "object" of a stream chunk
+
     def __init__(self, rid: str, streams: list[EngineStream], model: str, include_usage: bool) -> None:
         self.rid, self.streams, self.model, self.include_usage = rid, streams, model, include_usage
         self.created = int(time.time())
@@ -36,11 +38,40 @@ class Job(ABC):
         """The whole response body, once every stream finished."""
 
     @abstractmethod
-    def events(self) -> AsyncIterator[str]:
-        """The response as server-sent events, as the streams make it."""
+    def prompt_tokens(self) -> int:
+        """Prompt tokens the usage counts."""
+
+    @abstractmethod
+    def _choice_events(self) -> AsyncIterator[str]:
+        """The choices' server-sent events, as the streams make them."""
+
+    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.rid, "object": self.CHUNK_OBJECT, "created": self.created,
+                                 "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = use
+        return chunk
+
+    async def events(self) -> AsyncIterator[str]:
+        """The response as server-sent events: the choices', the usage if asked, an error in-band once the
+        stream has started, then [DONE]."""
+        try:
+            async for event in self._choice_events():
+                yield event
+            if self.include_usage:
+                yield sse(self._chunk([], usage(self.prompt_tokens(), self.completion_tokens())))
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield sse(to_api_error(exc).body())
+        finally:
+            self.cancel()
+        yield SSE_DONE
 
 
 class CompletionJob(Job):
+    CHUNK_OBJECT = "text_completion"
+
     def __init__(self, core: IngressCore, body: CompletionRequest, rid: str, streams: list[EngineStream],
                  prompts: list[list[int]], model: str) -> None:
         super().__init__(rid, streams, model, body.include_usage)
@@ -48,6 +79,9 @@ class CompletionJob(Job):
 
     def _prompt(self, index: int) -> list[int]:
         return self.prompts[index // self.body.n]
+
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
     async def collect(self) -> dict[str, Any]:
         try:
@@ -66,40 +100,23 @@ class CompletionJob(Job):
                 choice["token_ids"] = list(out.token_ids)
             choices.append(choice)
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(sum(len(p) for p in self.prompts), self.completion_tokens())}
+                "choices": choices, "usage": usage(self.prompt_tokens(), self.completion_tokens())}
 
-    async def events(self) -> AsyncIterator[str]:
+    async def _choice_events(self) -> AsyncIterator[str]:
         chars = [0] * len(self.streams)  # text sent per choice: the logprobs' text offsets
-        try:
-            async for i, out in merged(self.streams):  # text deltas
-                offset, chars[i] = chars[i], chars[i] + len(out.text)
-                choice: dict[str, Any] = {
-                    "index": i, "text": out.text,
-                    "logprobs": completion_logprobs(self.tokens, out.logprobs, offset)
-                    if out.logprobs is not None else None,
-                    "finish_reason": out.finish_reason if out.finished else None,
-                    "stop_reason": out.stop_reason if out.finished else None}
-                if self.body.return_token_ids:
-                    choice["token_ids"] = list(out.token_ids)
-                    if out.prompt_token_ids is not None:  # the first delta
-                        choice["prompt_token_ids"] = self._prompt(i)
-                yield sse(self._chunk([choice]))
-            if self.include_usage:
-                yield sse(self._chunk([], usage(sum(len(p) for p in self.prompts), self.completion_tokens())))
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield sse(to_api_error(exc).body())
-        finally:
-            self.cancel()
-        yield SSE_DONE
-
-    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"id": self.rid, "object": "text_completion", "created": self.created,
-                                 "model": self.model, "choices": choices}
-        if self.include_usage:
-            chunk["usage"] = use
-        return chunk
+        async for i, out in merged(self.streams):  # text deltas
+            offset, chars[i] = chars[i], chars[i] + len(out.text)
+            choice: dict[str, Any] = {
+                "index": i, "text": out.text,
+                "logprobs": completion_logprobs(self.tokens, out.logprobs, offset)
+                if out.logprobs is not None else None,
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None}
+            if self.body.return_token_ids:
+                choice["token_ids"] = list(out.token_ids)
+                if out.prompt_token_ids is not None:  # the first delta
+                    choice["prompt_token_ids"] = self._prompt(i)
+            yield sse(self._chunk([choice]))
 
 
 async def start_completion(core: IngressCore, body: CompletionRequest) -> CompletionJob:
