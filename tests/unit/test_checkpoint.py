@@ -100,6 +100,16 @@ def test_presets_meet_their_promises() -> None:
     assert tiny.vocab_size == bench.vocab_size == 131072
 
 
+def test_long_preset_reaches_256k_positions_by_yarn() -> None:
+    # transformers' reading of the config: positions, and the scaling that gives them
+    long = parse_text_config(PRESETS["long"].text)
+    rope = long.hf_config().rope_parameters
+    assert long.max_position_embeddings == 262_144
+    assert rope["rope_type"] == "yarn" and rope["factor"] >= 512
+    assert rope["original_max_position_embeddings"] * rope["factor"] == 262_144
+    assert long.num_hidden_layers == 1 and long.num_attention_heads == 1
+
+
 def _param_count(text) -> int:
     # Independent of the engine: build the reference model on the meta device and count.
     from transformers import Mistral4Config, Mistral4ForCausalLM
