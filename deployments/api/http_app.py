@@ -18,6 +18,7 @@ from deployments.api.http_guards import GuardMiddleware
 from deployments.api.openai_chat import start_chat
 from deployments.api.openai_completions import Job, start_completion
 from deployments.api.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from deployments.api.openapi_bodies import DeclaredBodies
 from deployments.config import AppConfig
 from deployments.errors import APIError, BadRequest, to_api_error
 from deployments.frontend.ingress_core import IngressCore
@@ -48,6 +49,7 @@ def error_response(error: APIError) -> JSONResponse:
 
 def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> FastAPI:
     app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for Mistral Small 4 (MoE)")
+    bodies = DeclaredBodies()  # the request models in /openapi.json (the routes parse their bodies themselves)
     app.add_middleware(GuardMiddleware, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware, deadline_s=config.request_timeout_s,  # outermost: sees every status
                        get_tool_calls_id=lambda: get_core().tokenizer.tool_calls_id)
@@ -91,12 +93,12 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": int(time.time()),
                                             "owned_by": "moe-cluster", "max_model_len": info.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=bodies.of(CompletionRequest))
     async def completions(request: Request) -> Response:
         body = parse_body(CompletionRequest, await request.body())
         return await _run(get_core(), lambda core: start_completion(core, body), body.stream)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=bodies.of(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         body = parse_body(ChatCompletionRequest, await request.body())
         return await _run(get_core(), lambda core: start_chat(core, body), body.stream)
@@ -110,6 +112,7 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
         return {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,
                 "ingress_in_flight": core.admission.in_flight}
 
+    bodies.install(app)
     return app
 
 
