@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per step, prefill chunks and decodes together
     max_model_len: int | None = None  # None: the checkpoint's limit, capped by the KV pool
+    enable_prefix_caching: bool = True  # reuse the cached KV blocks of a prompt's longest cached prefix
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
@@ -29,6 +30,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 Each step, running sequences go first (a decode needs one token, an unfinished prefill takes
 what budget is left), then waiting ones are admitted while the budget, the running cap and the
-KV pool allow. When blocks run out, the most recently admitted running sequence is preempted:
-its blocks are freed and it is recomputed later from its tokens so far.
+KV pool allow; a sequence admitted from scratch starts after its longest cached prefix
+(`BlockManager`'s prefix cache), so only the rest is prefilled. When blocks run out, the most
+recently admitted running sequence is preempted: its blocks are freed (its computed full blocks
+stay cached) and it is recomputed later from its tokens so far.
 
 A request with `n` choices is admitted as one sequence that counts `n` against `max_num_seqs`;
 once its prompt is prefilled the engine forks the other choices from it (`add_forked`), and they
@@ -43,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_queried_tokens = 0  # tokens of sequences admitted from scratch (prefix cache lookups)
+        self.num_cached_tokens = 0  # of those, tokens the prefix cache gave
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,6 +71,15 @@ class Scheduler:
     def _width(self) -> int:
         """Sequences running now or once the running ones' pending choices are forked."""
         return sum(1 + len(s.forks) for s in self.running)
+
+    def _cached_prefix(self, seq: Sequence) -> list[bytes]:
+        """Keys of the cached blocks a sequence admitted from scratch starts with: its longest
+        cached prefix, short of its last token (computed again for its logits, so a prompt cached
+        to an exact block boundary recomputes its last block: a shared block is never written)."""
+        if seq.num_computed or self.blocks.num_held(seq.seq_id) or not self.blocks.caching:
+            return []
+        keys = seq.block_keys[:(len(seq.token_ids) - 1) // self.blocks.block_size]
+        return keys[:self.blocks.cached_prefix(keys)]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -100,9 +113,17 @@ class Scheduler:
             seq = self.waiting[0]
             if width + 1 + len(seq.forks) > self.config.max_num_seqs:
                 break
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self.blocks.ensure(seq.seq_id, seq.num_computed + n):
+            reuse = self._cached_prefix(seq)
+            start = seq.num_computed + len(reuse) * self.blocks.block_size
+            n = min(len(seq.token_ids) - start, budget)
+            if not self.blocks.ensure(seq.seq_id, start + n, reuse):
                 break
+            if seq.num_computed == 0:  # admitted from scratch (new, or preempted): a prefix cache query
+                self.num_queried_tokens += len(seq.token_ids)
+                self.num_cached_tokens += start
+                if seq.num_cached_tokens is None:
+                    seq.num_cached_tokens = start
+            seq.num_computed = start
             width += 1 + len(seq.forks)
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -123,6 +144,12 @@ class Scheduler:
             if self.blocks.num_held(seq.seq_id) < self.blocks.blocks_for(seq.num_computed):
                 raise RuntimeError(f"running sequence {seq.request_id}#{seq.index} computed {seq.num_computed} "
                                    f"tokens into {self.blocks.num_held(seq.seq_id)} blocks")
+        for seq in self.running:  # a cached block holds exactly the content its holder expects there
+            for i, block in enumerate(self.blocks.table(seq.seq_id)[:len(seq.block_keys)]):
+                key = self.blocks.key_of(block)
+                if key is not None and key != seq.block_keys[i]:
+                    raise RuntimeError(f"sequence {seq.request_id}#{seq.index} holds cached block {block} at "
+                                       f"position {i} with another prefix's content")
         for seq in (*self.running, *self.waiting):
             if seq.forks and seq.num_output > 0:
                 raise RuntimeError(f"sequence {seq.request_id} is past its prompt with choices not forked")
