@@ -6,6 +6,7 @@ tests/e2e `e2e`; `slow` and `gpu` are set per test, and every test that uses the
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.engine.kv_pool import CPU_KVCACHE_SPACE_ENV
 from cluster.testing.checkpoint_writer import make_checkpoint
 from tests.ray_session import RaySession
 
 torch.set_num_threads(2)
+# The suite runs many engines on this one host (Ray workers inherit it): a quarter of the 1 GiB default each.
+os.environ.setdefault(CPU_KVCACHE_SPACE_ENV, "0.25")
 
 TESTS = Path(__file__).parent
 TIERS = ("unit", "integration", "e2e")
@@ -82,6 +86,12 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_ckpt(ckpt_root: Path) -> Path:
     """The tiny preset, fused expert layout, one safetensors file."""
     return make_checkpoint(ckpt_root / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def long_ckpt(ckpt_root: Path) -> Path:
+    """The long preset: 262,144 positions (YaRN factor 512 over 512) on one layer and one head."""
+    return make_checkpoint(ckpt_root / "long", "long", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,9 @@ class Reference:
 def load_reference(model_dir: str):  # noqa: ANN201 - a transformers model
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # sdpa (transformers' default, pinned): no [T, T] score matrix, so 32K-token prompts fit in memory
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
+                                                       attn_implementation="sdpa").eval()
 
 
 def pixel_inputs(images: list) -> dict[str, torch.Tensor]:
@@ -38,9 +40,11 @@ def pixel_inputs(images: list) -> dict[str, torch.Tensor]:
 def reference_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, **inputs) -> Reference:
     model = load_reference(str(model_dir))
     with torch.no_grad():
+        # logits_to_keep=1: each forward's logits at its last position only (generate's default,
+        # pinned): a 32K-token prompt's logits at every position would be 16 GiB in fp32
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, eos_token_id=None,
-                             pad_token_id=0, **inputs)
+                             pad_token_id=0, logits_to_keep=1, **inputs)
     tokens = out.sequences[0, len(prompt):].tolist()
     gaps = []
     for step in out.logits:
