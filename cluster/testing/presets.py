@@ -69,15 +69,16 @@ PRESETS: dict[str, Preset] = {
         {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
          "head_dim": 16, "patch_size": 16, "image_size": 256, "initializer_range": 0.04},
         description="little compute per token, so per-step engine overhead shows (engine benchmark)"),
-    # YaRN factor 512 over 512 original positions: 262,144 positions, as Mistral Small 4's
-    # factor 128 over 8,192 gives 1,048,576; the llama-4 query scaling steps every 512 positions.
+    # YaRN factor 513 over 512 original positions, as Mistral Small 4's factor 128 over 8,192 gives
+    # its 1,048,576: 262,656 positions, a 262,144-token prompt and one 512-position period for its
+    # answer; the llama-4 query scaling steps every 512 positions.
     "long": Preset(
         "long",
         _text(hidden=64, layers=1, heads=1, q_lora=32, kv_lora=32, rope=16, nope=16, v=32, experts=4,
-              top_k=2, moe_inter=32, inter=64, original=512, factor=512.0, init=0.08),
+              top_k=2, moe_inter=32, inter=64, original=512, factor=513.0, init=0.08),
         {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
          "head_dim": 16, "patch_size": 16, "image_size": 256, "initializer_range": 0.08},
-        description="262,144 positions (YaRN 512 x 512) on 1 layer and 1 head: 256K-token requests on CPUs"),
+        description="262,656 positions (YaRN 513 x 512) on 1 layer and 1 head: 256K-token prompts on CPUs"),
 }
 
 
