@@ -75,6 +75,12 @@ class Fp8Experts:
                  for s in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def dequantize_many(self, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Local experts `experts` [e] as [e, N, K] in `dtype`, in one batched op per segment."""
+        parts = [dequantize(self.weight[experts, s.start:s.stop], s.scale_inv[experts], self.block, dtype)
+                 for s in self.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     @property
     def num_experts(self) -> int:
         return int(self.weight.shape[0])

@@ -1,10 +1,15 @@
-"""Routed experts of one MoE layer, any subset of them, computed per expert.
+"""Routed experts of one MoE layer, any subset of them, computed by a kernel chosen by name:
+`grouped` (default) sorts the (token, expert) pairs by expert and runs one grouped product per
+projection (`torch._grouped_mm`, on CPU and CUDA), `loop` runs one product per expert (the
+reference the grouped kernel is tested against).
 
 Unquantized experts are held as they were read. FP8 experts stay fp8 with their scales
 (`Fp8Experts`) and each expert is dequantized into the compute dtype when a step routes tokens
 to it; a cache of dequantized experts (`DequantizedCache`, one per shard across its layers, capped
 in bytes; none by default) keeps the most recently used ones so hot experts are not dequantized
-every step.
+every step. The grouped kernel dequantizes just the experts a step hits, in one batched op; FP8
+block scales (128 x 128) have no scaled grouped product in torch (`_scaled_grouped_mm` takes
+row-wise scales only), so the product itself runs in the compute dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from cluster.errors import ConfigError
 from cluster.model.fp8 import ExpertMatrices, Fp8Experts
 
 CacheKey = tuple[int, int]  # (layer, local expert)
+EXPERT_KERNELS = ("grouped", "loop")
 
 
 class DequantizedCache:
@@ -72,8 +78,11 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, num_experts: int, expert_ids: Sequence[int], gate_up: ExpertMatrices,
                  down: ExpertMatrices, compute_dtype: torch.dtype | None = None,
-                 cache: DequantizedCache | None = None, layer: int = 0) -> None:
+                 cache: DequantizedCache | None = None, layer: int = 0, kernel: str = "grouped") -> None:
         super().__init__()
+        if kernel not in EXPERT_KERNELS:
+            raise ConfigError(f"expert_kernel must be one of {', '.join(EXPERT_KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
         sizes = (_count(gate_up), _count(down))
         if sizes != (len(expert_ids), len(expert_ids)):
             raise ValueError(f"{len(expert_ids)} expert ids but tensors for {sizes[0]}/{sizes[1]}")
@@ -109,6 +118,23 @@ class RoutedExperts(nn.Module):
             self.cache.put((self.layer, local), (gate_up, down))
         return gate_up, down
 
+    def stacked(self, fp8: tuple[Fp8Experts, Fp8Experts], hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fp8 local experts `hit` [e] as (gate_up [e, 2I, H], down [e, H, I]) in the compute dtype:
+        the cached ones taken, the rest dequantized together in one batched op."""
+        if self.cache is None:
+            return fp8[0].dequantize_many(hit, self.dtype), fp8[1].dequantize_many(hit, self.dtype)
+        ids = hit.tolist()
+        entries = [self.cache.get((self.layer, e)) for e in ids]
+        missing = [i for i, entry in enumerate(entries) if entry is None]
+        if missing:
+            need = hit[missing]
+            gate_up, down = (m.dequantize_many(need, self.dtype) for m in fp8)  # [m, 2I, H], [m, H, I]
+            for j, i in enumerate(missing):
+                entries[i] = (gate_up[j], down[j])
+                self.cache.put((self.layer, ids[i]), (gate_up[j].clone(), down[j].clone()))
+        held = [entry for entry in entries if entry is not None]
+        return torch.stack([g for g, _ in held]), torch.stack([d for _, d in held])
+
     def held(self) -> dict[str, int]:
         """Weight elements held per projection (scales not counted), for memory assertions."""
         if self.fp8 is None:
@@ -132,9 +158,38 @@ class RoutedExperts(nn.Module):
         local = local[held]
         order = torch.argsort(local, stable=True)
         pairs = held[order]  # flat (token, k) indices grouped by expert
-        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
+        counts = torch.bincount(local, minlength=len(self.expert_ids))  # [E_local]
         self.token_counts += torch.bincount(flat[held], minlength=self.token_counts.shape[0])
         x_sorted = hidden[pairs // k]  # [P, H], grouped by expert
+        if self.kernel == "grouped" and _grouped_mm_supports(x_sorted):
+            y_sorted = self._grouped(x_sorted, counts)
+        else:
+            y_sorted = self._loop(x_sorted, counts.tolist())
+        y_sorted *= topk_weights.reshape(-1)[pairs, None].to(y_sorted.dtype)
+        # Scatter back per (token, k) pair, then sum over k: one reduction instead of an
+        # index_add per expert.
+        per_pair = hidden.new_zeros(t * k, hidden.shape[1])
+        per_pair[pairs] = y_sorted
+        return per_pair.view(t, k, -1).sum(1)
+
+
+    def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted [P, H] grouped by local expert, counts [E_local] -> [P, H]: one grouped product
+        per projection. Unquantized experts are used in place (empty groups cost nothing); fp8
+        ones are dequantized for the hit experts only."""
+        if self.fp8 is None:
+            gate_up, down, sizes = self.gate_up_proj, self.down_proj, counts
+        else:
+            hit = counts.nonzero().squeeze(1)  # [e]
+            gate_up, down = self.stacked(self.fp8, hit)
+            sizes = counts[hit]
+        offs = torch.cumsum(sizes, 0).to(torch.int32)  # [e] end row of each group
+        h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [P, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # [P, H]
+
+    def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The per-expert reference: one product per projection and expert."""
         y_sorted = torch.empty_like(x_sorted)
         start = 0
         for e, n in enumerate(counts):
@@ -144,12 +199,14 @@ class RoutedExperts(nn.Module):
             gate, up = F.linear(x_sorted[start:start + n], w_gate_up).chunk(2, dim=-1)  # [n, I]
             y_sorted[start:start + n] = F.linear(F.silu(gate) * up, w_down)  # [n, H]
             start += n
-        y_sorted *= topk_weights.reshape(-1)[pairs, None].to(y_sorted.dtype)
-        # Scatter back per (token, k) pair, then sum over k: one reduction instead of an
-        # index_add per expert.
-        per_pair = hidden.new_zeros(t * k, hidden.shape[1])
-        per_pair[pairs] = y_sorted
-        return per_pair.view(t, k, -1).sum(1)
+        return y_sorted
+
+
+def _grouped_mm_supports(x: torch.Tensor) -> bool:
+    """torch's grouped product runs float32 and bfloat16 on CPU; CUDA's takes bfloat16 (Hopper on)."""
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == torch.bfloat16
 
 
 def _count(m: ExpertMatrices) -> int:
