@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
 
-from cluster.engine.engine_config import EngineConfig
+from cluster.engine.engine_config import EngineConfig, MaxModelLen
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.output_aggregator import OutputKind, RequestOutput
 from cluster.engine.run_requests import EngineRequest, run_requests
@@ -20,7 +20,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
 from cluster.errors import ConfigError, RequestError
-from cluster.model.image_rows import ImageRows
+from cluster.model.image_rows import ImageRows, pixel_hash
 from cluster.model.preflight import check_model_dir
 from cluster.model.tokenizer import Tokenizer
 from cluster.model.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from cluster.experts.group import ExpertGroup
 
 Prompt = str | Sequence[int] | dict[str, Any]
-_IDS_KEYS = {"prompt_token_ids", "images"}
-_CHAT_KEYS = {"messages", "tools", "reasoning_effort"}
+_IDS_KEYS = {"prompt_token_ids", "images", "cache_salt"}
+_CHAT_KEYS = {"messages", "tools", "reasoning_effort", "cache_salt"}
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,18 @@ class CompletionOutput:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, transport: str = "local", num_expert_shards: int = 0,
-                 num_engines: int = 1, exchange_deadline_s: float = 30.0,
+                 kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, max_model_len: MaxModelLen = "auto",
+                 target_step_ms: float | None = None, min_prefill_tokens: int = 32, transport: str = "local",
+                 num_expert_shards: int = 0, num_engines: int = 1, exchange_deadline_s: float = 30.0,
                  image_limits: ImageLimits | None = None, num_routers: int | None = None,
-                 expert_cache_bytes: int = 0) -> None:
+                 expert_cache_bytes: int = 0, enable_prefix_caching: bool = True) -> None:
         """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
         over in-process shards by placement). A distributed transport ("deepspeed", "ray") starts or
         joins a Ray cluster and runs `num_engines` engines (attention; more than one only with "ray")
         and `num_expert_shards` shards in their own actors. `num_routers` is the deprecated name of
-        `num_engines`. `expert_cache_bytes` caps, per expert shard (over its layers), the cache of dequantized
+        `num_engines`. The engine settings (`kv_cache_bytes`, `max_model_len`, `target_step_ms`, ...)
+        are `EngineConfig`'s. `expert_cache_bytes` caps, per expert shard (over its layers), the cache of dequantized
         experts of an FP8 checkpoint (0: each routed expert is dequantized when used)."""
         if num_routers is not None:
             import warnings
@@ -73,8 +75,10 @@ class LLM:
 
             model = embedded_checkpoint()
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              max_model_len=max_model_len)
+                              gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                              target_step_ms=target_step_ms, min_prefill_tokens=min_prefill_tokens,
+                              enable_prefix_caching=enable_prefix_caching)
         self.model_dir = Path(model)
         # Checks before start: config, tensor headers and tokenizer, before a weight byte is read.
         self.model_config = check_model_dir(self.model_dir).config
@@ -117,8 +121,8 @@ class LLM:
         if isinstance(prompt, dict):
             kind, allowed = ("messages", _CHAT_KEYS) if "messages" in prompt else ("prompt_token_ids", _IDS_KEYS)
             if kind not in prompt or set(prompt) - allowed:
-                raise RequestError(f"a dict prompt is {{'prompt_token_ids', 'images'}} or {{'messages', 'tools', "
-                                   f"'reasoning_effort'}}; got keys {sorted(prompt)}")
+                raise RequestError(f"a dict prompt is {{'prompt_token_ids', 'images', 'cache_salt'}} or {{'messages', "
+                                   f"'tools', 'reasoning_effort', 'cache_salt'}}; got keys {sorted(prompt)}")
             if kind == "messages":
                 chat = self._tokenizer("chat").encode_chat(prompt["messages"], prompt.get("tools"),
                                                            prompt.get("reasoning_effort"))
@@ -166,7 +170,8 @@ class LLM:
                 out.append(None)
                 continue
             mine, flat = flat[:len(imgs)], flat[len(imgs):]
-            out.append(image_rows(ids, mine, self.model_config.image_token_id, img_end))
+            out.append(image_rows(ids, mine, self.model_config.image_token_id, img_end,
+                                  [pixel_hash(im) for im in imgs]))
         return out
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -201,7 +206,7 @@ class LLM:
         # of their own, seeded as the engine seeds choices, and come back under their index.
         split = [(r, i) for r in requests for i in range(r.params.n)]
         singles = [r if r.params.n == 1 else EngineRequest(f"{r.request_id}/{i}", r.prompt_token_ids,
-                                                           _one_choice(r.params, i), r.images)
+                                                           _one_choice(r.params, i), r.images, r.cache_salt)
                    for r, i in split]
         outs = self.group.generate(singles)
         return iter(dataclasses.replace(o, request_id=r.request_id, index=i)
@@ -221,8 +226,18 @@ class LLM:
         for tokens, _ in encoded:
             self._validate(tokens)
         embeds = self._embed_images(encoded)
-        return [EngineRequest(f"offline-{next(self._ids)}", tokens, p, emb)
-                for (tokens, _), emb, p in zip(encoded, embeds, params, strict=True)]
+        salts = [_cache_salt(p) for p in prompts]
+        return [EngineRequest(f"offline-{next(self._ids)}", tokens, p, emb, salt)
+                for (tokens, _), emb, p, salt in zip(encoded, embeds, params, salts, strict=True)]
+
+
+def _cache_salt(prompt: Prompt) -> str | None:
+    """A dict prompt's `cache_salt` (as vLLM's prompt dicts carry it): prompts share cached KV
+    blocks only with prompts of the same salt."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise RequestError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -52,15 +52,15 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       images: ImageRows | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE
-                       ) -> AsyncIterator[RequestOutput]:
+                       images: ImageRows | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs with text, of `output_kind`: everything so far after each
         step that advanced it (the default), only what is new, or one at the end. Bad input raises
         the engine's RequestError before any output; a stop string ends the request here and aborts
         it in the engine; leaving the loop early (or being cancelled) aborts it too. Either way its
         blocks are freed."""
         outputs = OutputAggregator(request_id, params, self.engine.stop.tokenizer, output_kind)
-        async with aclosing(self.stream(request_id, prompt_token_ids, params, images)) as deltas:
+        async with aclosing(self.stream(request_id, prompt_token_ids, params, images, cache_salt)) as deltas:
             async for delta in deltas:
                 out = outputs.add(delta)
                 if out is not None:
@@ -69,7 +69,8 @@ class AsyncEngine:
                     return  # closing `deltas` aborts a request that a stop string ended here
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     images: ImageRows | None = None) -> AsyncGenerator[EngineOutput, None]:
+                     images: ImageRows | None = None, cache_salt: str | None = None
+                     ) -> AsyncGenerator[EngineOutput, None]:
         """Yields what each step made of the request: new token ids (no text), the prompt ids on
         the first output. Bad input raises the engine's RequestError before any output; leaving
         the loop before the finished output (or being cancelled) aborts the request and frees its
@@ -80,8 +81,8 @@ class AsyncEngine:
             raise InvalidSamplingParamsError(f"n={params.n}: a stream carries one choice; send the choices as "
                                              "requests of their own (LLM.generate takes n)")
         queue: asyncio.Queue = asyncio.Queue()
-        self._inbox.append(("add", request_id, list(prompt_token_ids), params, images, asyncio.get_running_loop(),
-                            queue))
+        self._inbox.append(("add", request_id, list(prompt_token_ids), params, images, cache_salt,
+                            asyncio.get_running_loop(), queue))
         self._work.set()
         if self._error is not None:  # the loop died meanwhile (it answers what it drained before dying)
             raise EngineDeadError(f"engine stopped: {self._error!r}")
@@ -143,9 +144,9 @@ class AsyncEngine:
                 self._queues.pop(item[1], None)
                 self.engine.abort(item[1])
                 continue
-            _, request_id, prompt, params, images, loop, queue = item
+            _, request_id, prompt, params, images, cache_salt, loop, queue = item
             try:
-                self.engine.add_request(request_id, prompt, params, images)
+                self.engine.add_request(request_id, prompt, params, images, cache_salt)
             except Exception as exc:  # noqa: BLE001 - bad input: the caller's stream raises it
                 loop.call_soon_threadsafe(queue.put_nowait, _Refused(exc))
                 continue

@@ -4,6 +4,7 @@ it, fork the choices of requests whose prompt just completed, detect stops, repo
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import torch
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.engine_config import EngineConfig, resolve_limits
+from cluster.engine.grammar import GrammarCompiler
+from cluster.engine.kv_pool import free_at_start, size_pool
 from cluster.engine.model_runner import ModelRunner
+from cluster.engine.prefix_hash import block_keys, extend_block_keys
 from cluster.engine.sampler import choice_generator
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler, SchedulerConfig
@@ -20,6 +24,7 @@ from cluster.engine.stats import EngineSnapshot, EngineStats, KVLoad
 from cluster.engine.stop import StopChecker
 from cluster.errors import (
     DuplicateRequestError,
+    InvalidGrammarError,
     InvalidSamplingParamsError,
     InvalidTokenError,
     PromptTooLongError,
@@ -30,6 +35,8 @@ from cluster.model.config import load_model_config
 from cluster.model.dispatch import Dispatcher
 from cluster.model.image_rows import ImageRows
 from cluster.model.text_model import Mistral4TextModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,15 +57,22 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_config = load_model_config(self.model_dir)
         self.text = self.model_config.text
-        self.runner = ModelRunner(CheckpointReader(self.model_dir, self.model_config), dispatcher)
-        limits = resolve_limits(self.config, self.text, self.runner.dtype)
+        device = self.config.resolved_device()
+        free_before_load = free_at_start(device)
+        self.runner = ModelRunner(CheckpointReader(self.model_dir, self.model_config), dispatcher, device,
+                                  self.config.torch_dtype)
+        self.limits = limits = resolve_limits(self.config, self.text, self.runner.dtype,
+                                              size_pool(self.config, self.runner, free_before_load))
+        log.info("engine %s: %s", self.model_dir.name, limits.describe())
         self.max_model_len = limits.max_model_len
-        self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size)
+        self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.runner.allocate_caches(limits.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
                                    self.blocks)
         self.stop = StopChecker.for_model_dir(self.model_dir, self.text.eos_token_id)
+        self.runner.eos_ids = frozenset(self.stop.eos_ids)
         self._requests: dict[str, list[Sequence]] = {}  # every choice of every unfinished request
+        self._grammar_compiler: GrammarCompiler | None = None
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self.counters = _Counters(reforms=self.runner.reforms)
@@ -94,24 +108,37 @@ class LLMEngine:
                                      f"{self.max_model_len} (prompt plus at least one generated token)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    images: ImageRows | None = None) -> None:
+                    images: ImageRows | None = None, cache_salt: str | None = None) -> None:
         """Queues the request. With `params.n` > 1 it runs as one sequence until its prompt is
         prefilled; then its other choices are forked from it, sharing its full prompt blocks, and
-        each choice reports its own outputs (`EngineOutput.index`)."""
+        each choice reports its own outputs (`EngineOutput.index`). It starts after the longest
+        prefix of its prompt in the prefix cache; `cache_salt` shares cached blocks only with
+        requests of the same salt."""
         if request_id in self._requests:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         self.validate_prompt(prompt_token_ids)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.text.vocab_size:  # sorted by id
+            raise InvalidSamplingParamsError(f"logit_bias token id {params.logit_bias[-1][0]} is outside the "
+                                             f"vocabulary [0, {self.text.vocab_size})")
         if params.n > self.config.max_num_seqs:
             raise InvalidSamplingParamsError(f"n={params.n} exceeds this engine's max_num_seqs="
                                              f"{self.config.max_num_seqs} (the choices run at once)")
         if images is not None:
             self._validate_images(images, len(prompt_token_ids))
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise RequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        matchers = self._grammars().matchers(params.grammar, params.n) if params.grammar is not None else None
         arrival = next(self._arrivals)
+        keys = (block_keys(prompt_token_ids, self.blocks.block_size, images, cache_salt) if self.blocks.caching
+                else [])
         choices = [Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, arrival, images=images,
-                            generator=choice_generator(params, i), index=i, seq_id=next(self._seq_ids))
+                            generator=choice_generator(params, i), index=i, seq_id=next(self._seq_ids),
+                            cache_salt=cache_salt, block_keys=list(keys))
                    for i in range(params.n)]
+        for seq, matcher in zip(choices, matchers or (), strict=False):
+            seq.grammar = matcher
         self.stop.start(choices[0])
         choices[0].forks = choices[1:]
         self._requests[request_id] = choices
@@ -142,6 +169,7 @@ class LLMEngine:
         for seq in targets:
             self._drop(seq, keep_forks=index is not None)
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            seq.grammar = None
         if all(s.finished for s in choices):
             del self._requests[request_id]
         self.counters.aborts += 1
@@ -185,6 +213,7 @@ class LLMEngine:
         self.counters.steps += 1
         for s in scheduled:
             s.seq.num_computed += s.num_new
+            self._cache_computed(s.seq)
         outputs = []
         row = 0
         for s, group in zip(scheduled, samples, strict=True):
@@ -197,19 +226,47 @@ class LLMEngine:
                     seq.logprobs.append(lp)
                 seq.token_ids.append(tok)
                 self.counters.generation_tokens += 1
+                if seq.grammar is not None and not seq.grammar.accept(tok):
+                    log.warning("request %s#%d: grammar refused token %d: %s", seq.request_id, seq.index, tok,
+                                seq.grammar.error)
                 self.stop.update(seq, tok, self.max_model_len)
                 if seq.finished:
+                    seq.grammar = None
                     self.scheduler.remove(seq)
                     if all(c.finished for c in self._requests[seq.request_id]):
                         del self._requests[seq.request_id]
                 outputs.append(self._output(seq))
         return outputs
 
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Registers the sequence's computed full blocks in the prefix cache (its prompt's and, as
+        they fill, its output's)."""
+        if not self.blocks.caching:
+            return
+        full = seq.num_computed // self.blocks.block_size
+        if full > len(seq.block_keys):
+            extend_block_keys(seq.block_keys, seq.token_ids, self.blocks.block_size, seq.images, seq.cache_salt,
+                              limit=full)
+        self.blocks.cache_blocks(seq.seq_id, seq.block_keys, full)
+
+    def _grammars(self) -> GrammarCompiler:
+        """The grammar compiler over this model's tokenizer, made on the first request with a
+        grammar (mapping the vocabulary takes seconds; `warm_grammars` does it ahead)."""
+        if self._grammar_compiler is None:
+            if self.stop.tokenizer is None:
+                raise InvalidGrammarError("grammar", "this model directory has no tokenizer to compile grammars over")
+            self._grammar_compiler = GrammarCompiler.for_tokenizer(self.stop.tokenizer)
+        return self._grammar_compiler
+
+    def warm_grammars(self) -> None:
+        self._grammars()
+
     def _fork(self, parent: Sequence) -> None:
         """Starts the choices waiting for `parent`'s prompt: each shares the prompt's full blocks
         and recomputes the tokens of a partial last block into a block of its own."""
         for child in parent.forks:
             child.num_computed = self.blocks.fork(parent.seq_id, child.seq_id, parent.num_prompt_tokens)
+            child.num_cached_tokens = parent.num_cached_tokens
             self.scheduler.add_forked(child)
         parent.forks = []
 
@@ -222,7 +279,7 @@ class LLMEngine:
         logprobs = tuple(seq.logprobs) if seq.params.logprobs is not None else None
         seq.logprobs.clear()
         return EngineOutput(seq.request_id, new, seq.finished, seq.finish_reason, seq.stop_reason, logprobs, prompt,
-                            index=seq.index)
+                            index=seq.index, num_cached_tokens=None if prompt is None else seq.num_cached_tokens or 0)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -232,7 +289,8 @@ class LLMEngine:
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions, forward_calls=self.counters.forward_calls,
             prompt_tokens=self.counters.prompt_tokens, generation_tokens=self.counters.generation_tokens,
-            aborts=self.counters.aborts)
+            aborts=self.counters.aborts, prefix_queried_tokens=self.scheduler.num_queried_tokens,
+            prefix_cached_tokens=self.scheduler.num_cached_tokens, prefix_cached_blocks=self.blocks.num_cached)
 
     def kv_load(self) -> KVLoad:
         """Free KV blocks and the blocks that the prompts already here will still take (request
@@ -265,6 +323,8 @@ class LLMEngine:
             if seq.finished:
                 if id(seq) in queued or id(seq) in pending or self.blocks.num_held(seq.seq_id):
                     raise RuntimeError(f"finished choice {where} is still queued or holds blocks")
+                if seq.grammar is not None:
+                    raise RuntimeError(f"finished choice {where} still holds its grammar matcher")
             elif id(seq) in pending:
                 if self.blocks.num_held(seq.seq_id) or seq.num_computed:
                     raise RuntimeError(f"choice {where} is not forked yet but holds blocks")

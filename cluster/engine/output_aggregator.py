@@ -42,6 +42,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: tuple[TokenLogprobs, ...] | None = None
     index: int = 0  # which of the request's choices
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave (known from the first output)
 
 
 class OutputAggregator:
@@ -51,10 +52,12 @@ class OutputAggregator:
     def __init__(self, request_id: str, params: SamplingParams, tokenizer: Tokenizer | None,
                  kind: OutputKind = OutputKind.CUMULATIVE, index: int = 0) -> None:
         self.request_id, self.kind, self.index = request_id, kind, index
-        self._text = Detokenizer(tokenizer, params.stop)
+        self._text = Detokenizer(tokenizer, params.stop, params.include_stop_str_in_output)
+        self._min_tokens = params.min_tokens  # stop strings do not stop the first min_tokens tokens
         self._token_ids: list[int] = []
         self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self._prompt: tuple[int, ...] | None = None
+        self._num_cached: int | None = None
         self._prompt_sent = False
         self.finished = False
         self.must_abort = False  # finished here by a stop string while the engine still runs it
@@ -83,16 +86,20 @@ class OutputAggregator:
             return None
         if out.prompt_token_ids is not None:
             self._prompt = out.prompt_token_ids
+        if out.num_cached_tokens is not None:
+            self._num_cached = out.num_cached_tokens
         ids = out.new_token_ids
         # The engine's own stop (EOS, a stop token id) on the last token comes before stop strings.
         engine_stop = out.finished and out.finish_reason == "stop"
         keep, by_string = len(ids), False
         for i, tok in enumerate(ids):
-            if self._text.push(tok, check_stop=not (engine_stop and i == len(ids) - 1)):
+            held = len(self._token_ids) + i + 1 <= self._min_tokens
+            if self._text.push(tok, check_stop=not (held or (engine_stop and i == len(ids) - 1))):
                 keep, by_string = i + 1, True
                 break
         if out.finished and not by_string:
-            by_string = self._text.finish(check_stop=not engine_stop)
+            past_min = len(self._token_ids) + len(ids) > self._min_tokens
+            by_string = self._text.finish(check_stop=not engine_stop and past_min)
         if by_string:
             self._finish_reason, self._stop_reason = "stop", self._text.stop_string
             self.must_abort = not out.finished
@@ -123,4 +130,4 @@ class OutputAggregator:
                 logprobs: tuple[TokenLogprobs, ...] | None) -> RequestOutput:
         return RequestOutput(self.request_id, prompt, ids, text, self.finished,
                              self._finish_reason if self.finished else None,
-                             self._stop_reason if self.finished else None, logprobs, self.index)
+                             self._stop_reason if self.finished else None, logprobs, self.index, self._num_cached)

@@ -19,6 +19,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     images: ImageRows | None = None
+    cache_salt: str | None = None  # prefix cache isolation (`LLMEngine.add_request`)
 
 
 def run_requests(engine: LLMEngine, requests: Sequence[EngineRequest], kind: OutputKind,
@@ -32,7 +33,7 @@ def run_requests(engine: LLMEngine, requests: Sequence[EngineRequest], kind: Out
     try:
         for r in requests:
             with guard:
-                engine.add_request(r.request_id, r.prompt_token_ids, r.params, r.images)
+                engine.add_request(r.request_id, r.prompt_token_ids, r.params, r.images, r.cache_salt)
             for i in range(r.params.n):
                 streams[(r.request_id, i)] = OutputAggregator(r.request_id, r.params, engine.stop.tokenizer, kind,
                                                               index=i)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.engine.grammar import GrammarMatcher
 from cluster.engine.sampling_params import SamplingParams
 from cluster.model.image_rows import ImageRows
 
@@ -39,6 +40,22 @@ class EngineOutput:
     new_logprobs: tuple[TokenLogprobs, ...] | None = None  # one per new token, when logprobs were asked for
     prompt_token_ids: tuple[int, ...] | None = None  # on the request's first output only
     index: int = 0  # which of the request's `n` choices (each choice has its own stream of outputs)
+    num_cached_tokens: int | None = None  # on the first output: prompt tokens the prefix cache gave
+
+
+class TokenCounts:
+    """What the penalties of one sequence read, kept as it grows (never rebuilt from all its tokens):
+    how often each token is in its output, and whether each is in its prompt or output."""
+
+    def __init__(self, token_ids: list[int], num_prompt_tokens: int, vocab: int) -> None:
+        ids = torch.tensor(token_ids, dtype=torch.long)  # [L]
+        self.output = torch.bincount(ids[num_prompt_tokens:], minlength=vocab).to(torch.int32)  # [V]
+        self.seen = torch.zeros(vocab, dtype=torch.bool)  # [V]
+        self.seen[ids] = True
+
+    def add(self, token: int) -> None:
+        self.output[token] += 1
+        self.seen[token] = True
 
 
 @dataclass(eq=False)
@@ -63,6 +80,12 @@ class Sequence:
     # The request's other choices, forked from this sequence once its prompt is prefilled: they
     # share its full prompt blocks and sample their first token from the same logits.
     forks: list[Sequence] = field(default_factory=list)
+    counts: TokenCounts | None = None  # made at its first sampling when its params have penalties
+    grammar: GrammarMatcher | None = None  # where it is in its request's grammar; None without one or once finished
+    cache_salt: str | None = None  # isolates the prefix cache's blocks of one tenant from another's
+    # content keys of the sequence's full blocks so far (`cluster.engine.prefix_hash`)
+    block_keys: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache when first admitted
 
     @property
     def num_output(self) -> int:

@@ -22,6 +22,13 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     aborts: int
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache (at each admission from scratch)
+    prefix_cached_tokens: int = 0  # of those, tokens found cached (not prefilled)
+    prefix_cached_blocks: int = 0  # blocks findable in the prefix cache now (held or free)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cached_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
     @property
     def kv_usage(self) -> float:

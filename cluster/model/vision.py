@@ -14,7 +14,7 @@ from torch import nn
 
 from cluster.errors import CheckpointError, ConfigError, RequestError
 from cluster.model.checkpoint import CheckpointReader
-from cluster.model.image_rows import ImageRows
+from cluster.model.image_rows import ImageKey, ImageRows
 
 ImageInput = torch.Tensor | np.ndarray
 
@@ -165,10 +165,12 @@ class VisionEncoder:
 
 
 def image_rows(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[torch.Tensor],
-               image_token_id: int | None, image_end_id: int | None = None) -> ImageRows:
+               image_token_id: int | None, image_end_id: int | None = None,
+               pixel_hashes: Sequence[bytes] = ()) -> ImageRows:
     """Where the images' embedding rows go in the prompt: the [IMG] positions, in order. With
     `image_end_id`, each image's rows must also fill exactly its own [IMG] run (up to its
-    [IMG_END]), so swapped images are caught. A model without an image token takes no images."""
+    [IMG_END]), so swapped images are caught. A model without an image token takes no images.
+    `pixel_hashes` (one per image, `pixel_hash`) key the prefix cache's blocks over each image."""
     if image_token_id is None:
         raise InvalidImageError("this model has no image token; it takes no images")
     ids = torch.as_tensor(token_ids, dtype=torch.long)  # [P]
@@ -191,5 +193,15 @@ def image_rows(token_ids: Sequence[int] | torch.Tensor, image_embeds: Sequence[t
                 raise ImageTokenMismatchError(f"image {i} has {got} image tokens in the prompt but {want} "
                                               f"embedding rows", index=i)
     embeds = torch.cat(list(image_embeds)) if sizes else torch.empty(0, 0)
-    return ImageRows(mask.nonzero().flatten(), embeds)
+    positions = mask.nonzero().flatten()  # [N]
+    keys: list[ImageKey] = []
+    if pixel_hashes:
+        if len(pixel_hashes) != len(sizes):
+            raise ValueError(f"{len(pixel_hashes)} pixel hashes for {len(sizes)} images")
+        at = 0
+        for size, digest in zip(sizes, pixel_hashes, strict=True):
+            if size:
+                keys.append(ImageKey(int(positions[at]), int(positions[at + size - 1]) + 1, digest))
+            at += size
+    return ImageRows(positions, embeds, tuple(keys))
 

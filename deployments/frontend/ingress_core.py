@@ -4,6 +4,7 @@ engine requests (every refusal a 4xx naming the field)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,9 @@ class IngressCore:
     async def ready(self) -> bool:
         """True once an engine server has loaded the model and its engine loop runs. It asks for
         the stats the engine loop publishes (`EngineServer.stats`), which never wait for a step, so
-        a long prefill does not make a busy replica look unready."""
+        a long prefill does not make a busy replica look unready. False while draining."""
+        if self.admission.draining:
+            return False
         try:
             if self._info is None:
                 self._info = await self.engine.info(READY_TIMEOUT_S)
@@ -147,11 +150,14 @@ class IngressCore:
         requests' images) placed on its [IMG] tokens; None without images."""
         if not images:
             return None
+        from cluster.model.image_rows import pixel_hash
         from cluster.model.vision import image_rows  # torch: imported on the first image
 
         embeds = await self.vision.encode(images)
+        # the processed pixels (resized, normalized): the same picture from any URL keys the same blocks
+        hashes = await asyncio.to_thread(lambda: [pixel_hash(im) for im in images])
         try:
-            return image_rows(token_ids, embeds, self.image_token_id, self.tokenizer.img_end_id)
+            return image_rows(token_ids, embeds, self.image_token_id, self.tokenizer.img_end_id, hashes)
         except RequestError as exc:
             raise request_error(exc, "messages") from None
 

@@ -6,6 +6,7 @@ snapshot the engine loop publishes, so none of it waits for an engine step."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,8 +39,7 @@ class EngineServer:
         self._info = ModelInfo(name=served_name(config, model_dir), model_dir=str(model_dir),
                                vocab_size=engine.text.vocab_size, max_model_len=engine.max_model_len,
                                has_vision=mc.vision is not None)
-        logger.info("engine server ready: %s (%s), max_model_len %d, %d KV blocks", self._info.name, model_dir,
-                    engine.max_model_len, engine.blocks.num_blocks)
+        logger.info("engine server ready: %s (%s); %s", self._info.name, model_dir, engine.limits.describe())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
         """What each engine step made of one request (new token ids, no text: the ingress makes the
@@ -49,7 +49,7 @@ class EngineServer:
         try:
             # Image embeddings come ready from the VisionEncoder deployment (via the ingress).
             async for out in self.engine.stream(request.request_id, list(request.prompt_token_ids),
-                                                request.params, request.images):
+                                                request.params, request.images, request.cache_salt):
                 yield out
         except RequestError as exc:
             raise request_error(exc) from None
@@ -69,6 +69,15 @@ class EngineServer:
 
     def info(self) -> ModelInfo:
         return self._info
+
+    async def check_integrity(self) -> tuple[str, EngineStats]:
+        """The engine's own checks (block counts, queues, requests), run between two steps off the
+        event loop; raises what they find. Returns this replica's id and its stats of that moment."""
+        def check() -> EngineStats:
+            self.engine.check_integrity()
+            return self.engine.stats()
+
+        return self.replica_id, await asyncio.to_thread(check)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Called by Serve's controller every `routing.stats_period_s`; the KV-aware request router

@@ -17,6 +17,7 @@ class GenerateRequest:
     # the prompt's image embeddings and the [IMG] positions they fill, from the VisionEncoder
     # deployment (each choice of a request carries its own copy)
     images: ImageRows | None = None
+    cache_salt: str | None = None  # the prefix cache shares blocks only among requests of the same salt
 
 
 @dataclass(frozen=True)
