@@ -12,7 +12,7 @@ from cluster.model.tokenizer import Tokenizer
 from deployments.api.chat_parser import ChatDelta, ChatParser
 from deployments.api.openai_completions import Job
 from deployments.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
-from deployments.api.outputs import TokenText, chat_logprobs, sse, usage
+from deployments.api.outputs import TokenText, chat_logprobs, sse
 from deployments.errors import BadRequest
 from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
@@ -98,7 +98,7 @@ class ChatJob(Job):
                 choice["prompt_token_ids"], choice["token_ids"] = self.prompt, list(out.token_ids)
             choices.append(choice)
         return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(self.prompt_tokens(), self.completion_tokens())}
+                "choices": choices, "usage": self.usage()}
 
     async def _choice_events(self) -> AsyncIterator[str]:
         for i in range(len(self.streams)):
@@ -156,5 +156,5 @@ async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = core.sampling_params(body, max_tokens, logprobs)
     images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
-    rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages")
+    rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages", body.cache_salt)
     return ChatJob(core, body, rid, streams, prompt, info.name, forced)

@@ -41,11 +41,23 @@ class Job(ABC):
     def prompt_tokens(self) -> int:
         """Prompt tokens the usage counts."""
 
+    def cached_tokens(self) -> int:
+        """Of the prompt tokens, those the prefix cache gave: each prompt's first choice's (its
+        other choices are requests of their own, which find the same prefix cached or more)."""
+        per_prompt = max(len(self.streams) // max(self.num_prompts(), 1), 1)
+        return sum(s.result().num_cached_tokens or 0 for s in self.streams[::per_prompt])
+
+    def num_prompts(self) -> int:
+        return 1
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens(), self.completion_tokens(), self.cached_tokens())
+
     @abstractmethod
     def _choice_events(self) -> AsyncIterator[str]:
         """The choices' server-sent events, as the streams make them."""
 
-    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {"id": self.rid, "object": self.CHUNK_OBJECT, "created": self.created,
                                  "model": self.model, "choices": choices}
         if self.include_usage:
@@ -59,7 +71,7 @@ class Job(ABC):
             async for event in self._choice_events():
                 yield event
             if self.include_usage:
-                yield sse(self._chunk([], usage(self.prompt_tokens(), self.completion_tokens())))
+                yield sse(self._chunk([], self.usage()))
         except APIError as exc:
             yield sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
@@ -83,6 +95,9 @@ class CompletionJob(Job):
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
     async def collect(self) -> dict[str, Any]:
         try:
             async for _ in merged(self.streams):
@@ -100,7 +115,7 @@ class CompletionJob(Job):
                 choice["token_ids"] = list(out.token_ids)
             choices.append(choice)
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(self.prompt_tokens(), self.completion_tokens())}
+                "choices": choices, "usage": self.usage()}
 
     async def _choice_events(self) -> AsyncIterator[str]:
         chars = [0] * len(self.streams)  # text sent per choice: the logprobs' text offsets
@@ -128,5 +143,5 @@ async def start_completion(core: IngressCore, body: CompletionRequest) -> Comple
     max_tokens = core.max_tokens(body.max_tokens, [len(p) for p in prompts], info,
                                  core.config.default_completion_tokens)
     params = core.sampling_params(body, max_tokens, body.logprobs)
-    rid, streams = await core.start("cmpl", prompts, params, body.n)
+    rid, streams = await core.start("cmpl", prompts, params, body.n, cache_salt=body.cache_salt)
     return CompletionJob(core, body, rid, streams, prompts, info.name)

@@ -48,6 +48,8 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # as vLLM: requests share prefix-cached KV blocks only with requests of the same salt (tenants)
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
     def unsupported(self) -> None:
         """Refuses what the engine cannot honour rather than ignoring it silently."""

@@ -11,10 +11,12 @@ from cluster.engine.sequence import TokenLogprobs
 from cluster.model.tokenizer import Tokenizer
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """The OpenAI usage object (the gRPC `Usage` message has the same fields)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """The OpenAI usage object, with `prompt_tokens_details.cached_tokens` (prompt tokens the
+    prefix cache gave) as OpenAI and vLLM report it (the gRPC `Usage` message has the same fields)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class TokenText:

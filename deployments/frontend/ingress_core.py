@@ -162,11 +162,12 @@ class IngressCore:
             raise request_error(exc, "messages") from None
 
     async def start(self, prefix: str, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                    images: ImageRows | None = None, param: str = "prompt") -> tuple[str, list[EngineStream]]:
+                    images: ImageRows | None = None, param: str = "prompt", cache_salt: str | None = None
+                    ) -> tuple[str, list[EngineStream]]:
         """Opens n streams per prompt (choice index = prompt * n + j, as vLLM numbers them), within
         the replica's prompt token budget (each stream gives its tokens back when it ends)."""
         rid = new_request_id(prefix)
-        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), params, images)
+        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), params, images, cache_salt)
                     for i, p in enumerate(prompts) for j in range(n)]
         releases = self.prompt_budget.take([len(r.prompt_token_ids) for r in requests], param)
         try:

@@ -34,7 +34,8 @@ def completion_body(req: pb.GenerateRequest) -> CompletionRequest:
     if kind is None:
         raise BadRequest("prompt is required: set text or token_ids", "prompt")
     prompt = req.text if kind == "text" else list(req.token_ids.ids)
-    return _validate(CompletionRequest, {"model": req.model, "prompt": prompt, **_sampling(req.sampling)})
+    return _validate(CompletionRequest, {"model": req.model, "prompt": prompt, **_sampling(req.sampling),
+                                         "cache_salt": req.cache_salt or None})
 
 
 def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
@@ -58,7 +59,7 @@ def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
         tools.append({"type": "function", "function": {"name": t.name, "description": t.description,
                                                        "parameters": parameters}})
     data: dict[str, Any] = {"model": req.model, "messages": messages, "tools": tools or None,
-                            **_sampling(req.sampling)}
+                            **_sampling(req.sampling), "cache_salt": req.cache_salt or None}
     if data.pop("logprobs", None) is not None:
         data.update(logprobs=True, top_logprobs=req.sampling.logprobs)
     if req.tool_choice:
@@ -109,7 +110,10 @@ async def chat_whole(job: ChatJob) -> pb.ChatResponse:
 
 def _usage(job: CompletionJob | ChatJob) -> pb.Usage:
     whole = job.streams[0].result()  # one stream: in step with the deltas read so far
-    return pb.Usage(**usage(len(whole.prompt_token_ids or ()), len(whole.token_ids)))
+    counts = usage(len(whole.prompt_token_ids or ()), len(whole.token_ids), whole.num_cached_tokens or 0)
+    return pb.Usage(prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"],
+                    total_tokens=counts["total_tokens"],
+                    cached_tokens=counts["prompt_tokens_details"]["cached_tokens"])
 
 
 async def generate_deltas(job: CompletionJob) -> AsyncIterator[pb.GenerateResponse]:
