@@ -47,6 +47,8 @@ class EngineSettings(BaseModel):
     max_num_seqs: PositiveInt = 64
     max_num_batched_tokens: PositiveInt = 512
     max_model_len: PositiveInt | None = None
+    enable_prefix_caching: bool = Field(True, description="reuse the cached KV blocks of a prompt's longest cached "
+                                                          "prefix (shared system prompts, later chat turns)")
 
     def to_engine_config(self) -> EngineConfig:
         from cluster.engine.engine_config import EngineConfig  # torch: only where an engine is built
