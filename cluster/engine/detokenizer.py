@@ -12,11 +12,12 @@ from cluster.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...], include_stop: bool = False) -> None:
         self._decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self._stop = stop
+        self._include_stop = include_stop  # the text ends after the stop string rather than before it
         self._hold = max(len(s) for s in stop) - 1 if stop else 0
-        self.text = ""  # everything decoded so far, cut before a stop string
+        self.text = ""  # everything decoded so far, cut at a stop string
         self.stop_string: str | None = None  # the stop string that ended the text
         self.done = False
         self._released = 0
@@ -53,12 +54,13 @@ class Detokenizer:
         self.text += piece
         if not (piece and check_stop and self._stop):
             return False
-        # A new match must end in the new text, so it starts at most len(stop) - 1 before it.
-        tail_start = max(0, before - self._hold)
-        hits = [(at, s) for s in self._stop if (at := self.text.find(s, tail_start)) >= 0]
+        # A new match must end in the new text, so it starts at most len(stop) - 1 before it (an
+        # older one was not looked for: min_tokens held stop strings back then).
+        hits = [(at, s) for s in self._stop if (at := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if not hits:
             return False
         at, self.stop_string = min(hits)
-        self.text = self.text[:at]  # never before `_released`: the held-back tail covers any match
+        # Never cut before `_released`: the held-back tail covers any match.
+        self.text = self.text[:at + len(self.stop_string)] if self._include_stop else self.text[:at]
         self.done = True
         return True

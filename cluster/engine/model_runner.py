@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.logit_adjustments import adjust_logits, record
 from cluster.engine.sampler import logprobs, sample
 from cluster.engine.scheduler import ScheduledSeq
 from cluster.engine.sequence import Sequence, TokenLogprobs
@@ -54,6 +55,7 @@ class ModelRunner:
         self.model = model.to(self.device)
         self.dtype = self.model.dtype
         self.dispatcher = dispatcher
+        self.eos_ids: frozenset[int] = frozenset()  # held back with the stop ids under min_tokens (the engine's)
         self.reforms: list[float] = []  # seconds each expert-group re-formation took, oldest first
         self.text = reader.config.text
         self.caches: list[torch.Tensor] = []
@@ -82,9 +84,12 @@ class ModelRunner:
         if logits.shape[0] != int(inputs.samples_per_row.sum()):
             logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0)  # [S, V]
         flat = [seq for group in samples for seq in group]
-        tokens = sample(logits, [s.params for s in flat], [s.generator for s in flat])
-        lps = logprobs(logits, tokens, [s.params.logprobs for s in flat])
-        return StepResult(tokens.tolist(), lps)
+        adjusted = adjust_logits(logits, flat, self.eos_ids)  # [S, V]: bias, penalties, min_tokens
+        tokens = sample(adjusted, [s.params for s in flat], [s.generator for s in flat])
+        lps = logprobs(logits, tokens, [s.params.logprobs for s in flat])  # of the model's own distribution
+        chosen = tokens.tolist()
+        record(flat, chosen)
+        return StepResult(chosen, lps)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward over the step -> logits [U, V]. A lost expert exchange re-forms the group

@@ -1,5 +1,6 @@
-"""Next-token choice for every sampled row of a step at once: greedy, temperature, top-k and
-top-p as batch tensors, and logprobs over the batch.
+"""Next-token choice for every sampled row of a step at once: greedy, temperature, top-k, top-p
+and min-p as batch tensors, and logprobs over the batch. (What a request's bias, penalties and
+min_tokens do to its logits comes before, in `cluster.engine.logit_adjustments`.)
 
 A sampled row's token is the exponential race `argmax(probs / q)` with `q ~ Exp(1)` per token,
 which draws from `probs` exactly. Rows with a seed draw their `q` from their own generator (torch
@@ -10,22 +11,14 @@ The other rows draw their `q` together from torch's default generator.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 
-from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sampling_params import SamplingParams, choice_seed
 from cluster.engine.sequence import TokenLogprobs
 
-
-def choice_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a request seeded with `seed`: the seed itself for choice 0 (so
-    `n = 1` is unchanged), for the others a seed derived from it and their index."""
-    if not index:
-        return seed
-    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 2**63
+__all__ = ["choice_generator", "choice_seed", "filter_logits", "logprobs", "sample"]
 
 
 def choice_generator(params: SamplingParams, index: int) -> torch.Generator | None:
@@ -36,12 +29,21 @@ def choice_generator(params: SamplingParams, index: int) -> torch.Generator | No
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
-    """logits [S, V] fp32 -> temperature-scaled logits with the tokens outside each row's top-k and
-    then top-p masked to -inf. temperature [S] (> 0), top_k [S] (V or more: off), top_p [S] (1: off).
-    Ties with the k-th logit survive top-k; top-p keeps the token that crosses it."""
-    vocab = logits.shape[-1]
-    scaled = logits / temperature[:, None]  # [S, V]
+                  top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [S, V] fp32 -> temperature-scaled logits with the tokens outside each row's top-k,
+    then top-p, then min-p masked to -inf. temperature [S] (> 0), top_k [S] (V or more: off), top_p
+    [S] (1: off), min_p [S] (0 or None: off). Ties with the k-th logit survive top-k; top-p keeps
+    the token that crosses it; min-p keeps the tokens at least `min_p` times as likely as the most
+    likely one (a ratio, so the same before or after top-k and top-p renormalise)."""
+    scaled = _top_k_top_p(logits / temperature[:, None], top_k, top_p)  # [S, V]
+    if min_p is None or not bool((min_p > 0).any()):
+        return scaled
+    floor = scaled.max(-1, keepdim=True).values + min_p.log()[:, None]  # [S, 1]; log 0 = -inf: off
+    return scaled.masked_fill(scaled < floor, float("-inf"))
+
+
+def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    vocab = scaled.shape[-1]
     use_top_k, use_top_p = bool((top_k < vocab).any()), bool((top_p < 1).any())
     if not (use_top_k or use_top_p):
         return scaled
@@ -79,8 +81,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in chosen], device=logits.device)  # [R]
     top_p = torch.tensor([p.top_p for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
+    min_p = torch.tensor([p.min_p for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
     picked = logits if len(rows) == len(params) else logits[rows]
-    probs = filter_logits(picked.float(), temperature, top_k, top_p).softmax(-1)  # [R, V]
+    probs = filter_logits(picked.float(), temperature, top_k, top_p, min_p).softmax(-1)  # [R, V]
     noise = torch.empty_like(probs).exponential_()  # [R, V]
     for r, i in enumerate(rows):
         if generators[i] is not None:

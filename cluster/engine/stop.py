@@ -32,11 +32,14 @@ class StopChecker:
             raise RequestError("stop strings need a tokenizer; this model directory has none")
 
     def update(self, seq: Sequence, token: int, max_model_len: int) -> None:
-        """Called after `token` was appended to `seq`; marks it finished when it should stop."""
+        """Called after `token` was appended to `seq`; marks it finished when it should stop. EOS
+        and the stop token ids do not stop the first `min_tokens` output tokens (the sampler holds
+        them back there)."""
         params = seq.params
-        if not params.ignore_eos and token in self.eos_ids:
+        held = seq.num_output <= params.min_tokens
+        if not params.ignore_eos and token in self.eos_ids and not held:
             _finish(seq, "stop", None)
-        elif token in params.stop_token_ids:
+        elif token in params.stop_token_ids and not held:
             _finish(seq, "stop", token)
         elif seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_model_len:
             _finish(seq, "length", None)
