@@ -19,6 +19,7 @@ from cluster.model.tokenizer import Tokenizer
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 REASONING, CONTENT, TOOL_NAME, TOOL_ARGS, CALL_START = "reasoning", "content", "name", "args", "start"
+DROPPED = "dropped"  # past the last call allowed (parallel_tool_calls false): nothing more is kept
 
 
 def tool_call_id() -> str:
@@ -63,6 +64,7 @@ class _Piece:
 @dataclass
 class ChatParser:
     tokenizer: Tokenizer
+    max_calls: int | None = None  # 1 for parallel_tool_calls false: a later call and all after it dropped
     reasoning: str = ""
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
@@ -113,8 +115,12 @@ class ChatParser:
 
     def _token(self, tok: int) -> None:
         t = self.tokenizer
+        if self._mode == DROPPED:
+            return
         if tok in self._switch:
             self._mode = self._switch[tok]
+        elif tok == t.tool_calls_id and self.max_calls is not None and len(self.calls) >= self.max_calls:
+            self._mode = DROPPED
         elif tok == t.tool_calls_id:
             self.calls.append(ToolCall(len(self.calls), tool_call_id()))
             self._mode = TOOL_NAME

@@ -5,6 +5,7 @@ streamed (SSE)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,7 +69,8 @@ class ChatJob(Job):
         super().__init__(rid, streams, model, body.include_usage)
         self.body, self.prompt = body, prompt
         self.tokens = TokenText(core.tokenizer)
-        self.parsers = [ChatParser(core.tokenizer) for _ in streams]
+        max_calls = None if body.parallel_tool_calls else 1
+        self.parsers = [ChatParser(core.tokenizer, max_calls) for _ in streams]
         for parser in self.parsers:
             parser.prime(forced or [])
 
@@ -155,6 +157,8 @@ async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     max_tokens = core.max_tokens(body.requested_max_tokens, [len(prompt)], info, core.config.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = core.sampling_params(body, max_tokens, logprobs)
+    if forced and not body.parallel_tool_calls:  # the one call is under way: a second [TOOL_CALLS] ends it
+        params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, forced[0]))
     images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
     rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages", body.cache_salt)
     return ChatJob(core, body, rid, streams, prompt, info.name, forced)

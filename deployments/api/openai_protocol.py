@@ -8,10 +8,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.engine.sampling_params import MAX_LOGPROBS
+from cluster.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from deployments.errors import BadRequest
 
 NonNegInt = Annotated[int, Field(ge=0)]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a JSON object's key: a token id as a string
 
 
 class _Body(BaseModel):
@@ -44,20 +45,21 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's penalties (over output tokens) and bias ({token id: bias}); vLLM's repetition
+    # penalty (over prompt and output), min_p, min_tokens and include_stop_str_in_output
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
     user: str | None = None
     # as vLLM: requests share prefix-cached KV blocks only with requests of the same salt (tenants)
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
     def unsupported(self) -> None:
         """Refuses what the engine cannot honour rather than ignoring it silently."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise BadRequest(f"{name} is not supported; leave it at 0", name)
-        if self.logit_bias:
-            raise BadRequest("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
 

@@ -136,8 +136,12 @@ class IngressCore:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-                stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs)
+                min_p=body.min_p or 0.0, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                include_stop_str_in_output=body.include_stop_str_in_output, min_tokens=body.min_tokens,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()))
         except RequestError as exc:
             raise request_error(exc) from None
 
@@ -165,9 +169,12 @@ class IngressCore:
                     images: ImageRows | None = None, param: str = "prompt", cache_salt: str | None = None
                     ) -> tuple[str, list[EngineStream]]:
         """Opens n streams per prompt (choice index = prompt * n + j, as vLLM numbers them), within
-        the replica's prompt token budget (each stream gives its tokens back when it ends)."""
+        the replica's prompt token budget (each stream gives its tokens back when it ends). Choice j
+        of a seeded prompt is seeded as the engine seeds its choice j (`SamplingParams.for_choice`),
+        so the choices differ and a repeat gives the same ones."""
         rid = new_request_id(prefix)
-        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), params, images, cache_salt)
+        choices = [params.for_choice(j) for j in range(n)]
+        requests = [GenerateRequest(f"{rid}-{i * n + j}", tuple(p), choices[j], images, cache_salt)
                     for i, p in enumerate(prompts) for j in range(n)]
         releases = self.prompt_budget.take([len(r.prompt_token_ids) for r in requests], param)
         try:
