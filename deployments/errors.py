@@ -73,6 +73,14 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a call failed because the replica running it died or cannot be reached (the call's
+    work is lost with it; another replica can take it)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(unwrap(exc), RayActorError)
+
+
 def request_error(exc: RequestError, param: str | None = None) -> BadRequest:
     """A typed engine refusal as a 400; the parameter is named where the error type tells it."""
     message = str(exc)

@@ -4,19 +4,27 @@ which aborts the request at the engine and frees its KV blocks.
 
 The engine server sends what each engine step made (token ids, no text); the text is made here, once, by
 the request's `OutputAggregator`, which also finds stop strings: a stop string ends the stream here
-and cancels the engine call, so the engine aborts the request and frees its blocks."""
+and cancels the engine call, so the engine aborts the request and frees its blocks.
+
+An engine replica that dies (killed, its node lost) fails the calls it was running. A call that
+had received nothing from it yet (queued or prefilling there) is sent again, to another replica
+(Serve's router drops a replica whose call failed with ActorDiedError), up to `RETRIES_BEFORE_OUTPUT`
+times: the client sees nothing of it. A call that had received outputs ends with `Unavailable`
+(503 / UNAVAILABLE, Retry-After): the tokens already sent cannot be taken back, so the client
+retries the whole request."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cluster.engine.output_aggregator import OutputAggregator, OutputKind, RequestOutput
 from cluster.model.tokenizer import Tokenizer
-from deployments.errors import to_api_error
+from deployments.errors import Unavailable, replica_lost, to_api_error
 from deployments.serving.request import GenerateRequest, ModelInfo
 from deployments.telemetry.instrumentation import observe_stream
 
@@ -24,24 +32,52 @@ if TYPE_CHECKING:
     from cluster.engine.stats import EngineStats
 
 
-class _TextDeltas:
-    """An engine call's outputs as text deltas (`OutputKind.DELTA`)."""
+logger = logging.getLogger("ray.serve")
 
-    def __init__(self, generator: Any, outputs: OutputAggregator) -> None:
-        self._gen = generator  # a Serve DeploymentResponseGenerator
+RETRIES_BEFORE_OUTPUT = 2  # calls sent again after their replica died before it sent anything
+
+
+class _TextDeltas:
+    """An engine call's outputs as text deltas (`OutputKind.DELTA`); `call()` opens the call (again,
+    after its replica died before sending anything)."""
+
+    def __init__(self, call: Callable[[], Any], outputs: OutputAggregator, retry_after_s: int) -> None:
+        self._call = call
+        self._gen = call()  # a Serve DeploymentResponseGenerator
         self._outputs = outputs
+        self._retry_after_s = retry_after_s
+        self._received = 0  # engine outputs received
+        self._retries_left = RETRIES_BEFORE_OUTPUT
 
     def __aiter__(self) -> _TextDeltas:
         return self
 
     async def __anext__(self) -> RequestOutput:
         while not self._outputs.finished:
-            out = self._outputs.add(await self._gen.__anext__())
+            out = self._outputs.add(await self._next_output())
             if self._outputs.must_abort:  # a stop string: the engine still runs the request
                 self.cancel()
             if out is not None:
                 return out
         raise StopAsyncIteration
+
+    async def _next_output(self) -> Any:
+        while True:
+            try:
+                item = await self._gen.__anext__()
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if self._received or not self._retries_left:
+                    raise Unavailable(f"the engine replica running this request stopped after {self._received} "
+                                      "outputs; retry the request", retry_after_s=self._retry_after_s) from exc
+                self._retries_left -= 1
+                logger.warning("engine replica lost before request %s started; sending it again",
+                               self._outputs.request_id)
+                self._gen = self._call()
+                continue
+            self._received += 1
+            return item
 
     def cancel(self) -> None:
         with contextlib.suppress(Exception):
@@ -135,7 +171,8 @@ class EngineClient:
 
     def _stream(self, request: GenerateRequest, on_close: Callable[[], None] | None) -> EngineStream:
         outputs = OutputAggregator(request.request_id, request.params, self._tokenizer, OutputKind.DELTA)
-        deltas = _TextDeltas(self._engine.options(stream=True).generate.remote(request), outputs)
+        deltas = _TextDeltas(lambda: self._engine.options(stream=True).generate.remote(request), outputs,
+                             self._retry_after_s)
         return EngineStream(observe_stream(deltas), outputs, self._retry_after_s, on_close)  # metrics
 
     async def info(self, timeout_s: float) -> ModelInfo:

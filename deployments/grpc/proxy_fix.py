@@ -27,6 +27,8 @@ import logging
 import time
 from typing import Any
 
+from deployments.grpc import proxy_replica_lost
+
 logger = logging.getLogger("ray.serve")
 _installed = False
 DEADLINE_METADATA = "x-moe-cluster-deadline"  # written here by the proxy, read by `forwarded_deadline`
@@ -71,6 +73,7 @@ def add_stream_cancellation_to_server(servicer: Any, server: Any) -> None:
 
     proxy.ProxyResponseGenerator = CancelOnDropResponseGenerator  # type: ignore[misc]  # the patch itself
     _forward_deadlines()
+    proxy_replica_lost.install(proxy)  # a dead ingress replica: 503 / UNAVAILABLE, not 500 / INTERNAL
     _installed = True
 
 
