@@ -15,7 +15,6 @@ from cluster.engine.engine_config import EngineConfig, MaxModelLen
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.output_aggregator import OutputKind, RequestOutput
 from cluster.engine.run_requests import EngineRequest, run_requests
-from cluster.engine.sampler import choice_seed
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
@@ -206,7 +205,7 @@ class LLM:
         # of their own, seeded as the engine seeds choices, and come back under their index.
         split = [(r, i) for r in requests for i in range(r.params.n)]
         singles = [r if r.params.n == 1 else EngineRequest(f"{r.request_id}/{i}", r.prompt_token_ids,
-                                                           _one_choice(r.params, i), r.images, r.cache_salt)
+                                                           r.params.for_choice(i), r.images, r.cache_salt)
                    for r, i in split]
         outs = self.group.generate(singles)
         return iter(dataclasses.replace(o, request_id=r.request_id, index=i)
@@ -245,11 +244,6 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
         return [cast(Prompt, prompts)]  # a sequence of ints is one prompt's token ids
     return list(cast(Sequence[Prompt], prompts))
-
-
-def _one_choice(params: SamplingParams, index: int) -> SamplingParams:
-    seed = None if params.seed is None else choice_seed(params.seed, index)
-    return dataclasses.replace(params, n=1, seed=seed)
 
 
 def _completion(choices: list[RequestOutput]) -> CompletionOutput:
