@@ -7,7 +7,6 @@ snapshot the engine loop publishes, so none of it waits for an engine step."""
 from __future__ import annotations
 
 import asyncio
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -70,15 +69,6 @@ class EngineServer:
 
     def info(self) -> ModelInfo:
         return self._info
-
-    async def check_integrity(self) -> tuple[str, EngineStats]:
-        """The engine's own checks (block counts, queues, requests), run between two steps off the
-        event loop; raises what they find. Returns this replica's id and its stats of that moment."""
-        def check() -> EngineStats:
-            self.engine.check_integrity()
-            return self.engine.stats()
-
-        return self.replica_id, await asyncio.to_thread(check)
 
     async def check_integrity(self) -> tuple[str, EngineStats]:
         """The engine's own checks (block counts, queues, requests), run between two steps off the
