@@ -119,8 +119,11 @@ class SamplingParams:
 
 
 def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    if not isinstance(items, tuple | list) and not isinstance(value, Mapping):
+    if isinstance(value, Mapping):
+        items: list[object] = list(value.items())
+    elif isinstance(value, tuple | list):
+        items = list(value)
+    else:
         raise InvalidSamplingParamsError(f"logit_bias must map token ids to biases, got {value!r}")
     out: dict[int, float] = {}
     for item in items:

@@ -19,6 +19,7 @@ from deployments.api.openai_chat import start_chat
 from deployments.api.openai_completions import Job, start_completion
 from deployments.api.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from deployments.api.openapi_bodies import DeclaredBodies
+from deployments.api.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from deployments.config import AppConfig
 from deployments.errors import APIError, BadRequest, to_api_error
 from deployments.frontend.ingress_core import IngressCore
@@ -102,6 +103,16 @@ def create_http_app(get_core: Callable[[], IngressCore], config: AppConfig) -> F
     async def chat_completions(request: Request) -> Response:
         body = parse_body(ChatCompletionRequest, await request.body())
         return await _run(get_core(), lambda core: start_chat(core, body), body.stream)
+
+    @app.post("/tokenize", openapi_extra=bodies.of(TokenizeRequest))
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        """vLLM's: a completion prompt or chat messages as the token ids generation would run."""
+        return await tokenize(get_core(), parse_body(TokenizeRequest, await request.body()))
+
+    @app.post("/detokenize", openapi_extra=bodies.of(DetokenizeRequest))
+    async def detokenize_route(request: Request) -> dict[str, str]:
+        """vLLM's: token ids as text (special tokens left out)."""
+        return await detokenize(get_core(), parse_body(DetokenizeRequest, await request.body()))
 
     @app.get("/v1/engine/stats")
     async def engine_stats() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.model.tokenizer import Tokenizer
+from cluster.model.tokenizer import EncodedChat, Tokenizer
 from deployments.api.chat_parser import ChatDelta, ChatParser
 from deployments.api.openai_completions import Job
 from deployments.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
@@ -17,6 +17,7 @@ from deployments.api.outputs import TokenText, chat_logprobs, sse
 from deployments.errors import BadRequest
 from deployments.frontend.engine_client import EngineStream, merged
 from deployments.frontend.ingress_core import IngressCore
+from deployments.serving.request import ModelInfo
 
 
 def prompt_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -141,15 +142,21 @@ def _delta_json(delta: ChatDelta) -> dict[str, Any]:
     return out
 
 
-async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
-    body.unsupported()
-    info = await core.check_model(body.model)
+async def encode_messages(core: IngressCore, info: ModelInfo, messages: list[dict[str, Any]],
+                          tools: list[dict[str, Any]] | None, reasoning_effort: str | None) -> EncodedChat:
+    """A chat's prompt as the chat endpoint encodes it (before any forced tool-call prefix)."""
     # Images are fetched, checked and decoded by the ingress (deployments/images.py); mistral-common
     # resizes them by the Pixtral rules while encoding, off the event loop (templating and
     # tokenizing take a while too); the decoded pixels are let go once encoded.
     no_images = None if info.has_vision and core.vision.available else info.name
-    async with core.images.decoded(body.messages, no_images) as (messages, _):
-        encoded = await asyncio.to_thread(core.encode_chat, messages, prompt_tools(body), body.reasoning_effort)
+    async with core.images.decoded(messages, no_images) as (decoded, _):
+        return await asyncio.to_thread(core.encode_chat, decoded, tools, reasoning_effort)
+
+
+async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
+    body.unsupported()
+    info = await core.check_model(body.model)
+    encoded = await encode_messages(core, info, body.messages, prompt_tools(body), body.reasoning_effort)
     forced = forced_prefix(body, core.tokenizer)
     prompt = list(encoded.token_ids) + forced
     core.check_prompt(prompt, info, "messages")

@@ -111,7 +111,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def parse_body(model: type[_Body], raw: bytes) -> Any:
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Strict JSON parse into `model`; the first problem becomes a 400 naming its field."""
     try:
         return model.model_validate_json(raw or b"", strict=True)
