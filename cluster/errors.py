@@ -29,6 +29,11 @@ class ConfigError(ClusterError):
     """An invalid configuration value; the message names the field."""
 
 
+class KVPoolTooSmallError(ConfigError):
+    """The KV pool cannot hold what the config asks (a block, or `max_model_len` tokens); the
+    message gives the pool's bytes, the bytes per token and the tokens that fit."""
+
+
 class RequestError(ClusterError):
     """A bad request: the engine refuses it and keeps serving the others."""
 

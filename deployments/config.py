@@ -42,13 +42,28 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: PositiveInt = 16
-    num_kv_blocks: PositiveInt | None = None
-    kv_cache_bytes: PositiveInt = 256 * 2**20
+    num_kv_blocks: PositiveInt | None = Field(None, description="a fixed KV pool in blocks (instead of bytes)")
+    kv_cache_bytes: PositiveInt | None = Field(
+        None, description="the KV pool's bytes per engine; unset: on CPUs MOE_CLUSTER_CPU_KVCACHE_SPACE GiB (1 by "
+                          "default), on GPUs what gpu_memory_utilization leaves after weights and activations")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU's memory an engine may take")
     max_num_seqs: PositiveInt = 64
     max_num_batched_tokens: PositiveInt = 512
-    max_model_len: PositiveInt | None = None
+    max_model_len: PositiveInt | Literal["auto"] = Field(
+        "auto", description='"auto": the checkpoint\'s max_position_embeddings if the KV pool holds one such sequence, '
+                            "else the longest that fits; a number the pool cannot hold refuses the start")
+    target_step_ms: PositiveFloat | None = Field(
+        None, description="a prefill budget per step keeps a step's time near this (decodes first); None: the token "
+                          "cap alone")
+    min_prefill_tokens: PositiveInt = Field(32, description="a prefill advances at least this much every step")
     enable_prefix_caching: bool = Field(True, description="reuse the cached KV blocks of a prompt's longest cached "
                                                           "prefix (shared system prompts, later chat turns)")
+
+    @model_validator(mode="after")
+    def _one_pool_size(self) -> EngineSettings:
+        if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise ValueError("num_kv_blocks and kv_cache_bytes both size the KV pool: set one of them")
+        return self
 
     def to_engine_config(self) -> EngineConfig:
         from cluster.engine.engine_config import EngineConfig  # torch: only where an engine is built
@@ -155,7 +170,8 @@ class AppConfig(BaseModel):
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> AppConfig:
-    """Reads a YAML or JSON file (if given) and applies `overrides` whose value is not None."""
+    """Reads a YAML or JSON file (if given) and applies `overrides` whose value is not None (a
+    dict merges into the file's section of that name)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -165,7 +181,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> AppConfig:
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         data = _app_args(path, loaded) if loaded and "applications" in loaded else dict(loaded or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}  # a section's keys over the file's (e.g. engine.max_model_len)
+        elif value is not None:
+            data[key] = value
     return parse_config(data)
 
 

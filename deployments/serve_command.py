@@ -33,6 +33,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-engine-replicas", "--num-router-replicas", type=int, default=None,
                    dest="num_engine_replicas", help="engine replicas (--num-router-replicas: its deprecated name)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster offers (default: all)")
+    p.add_argument("--max-model-len", type=_max_model_len, default=None,
+                   help="context length: a number of tokens, or 'auto' (default): the checkpoint's, or what the KV "
+                        "pool holds if less")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="KV pool bytes per engine (default: on CPUs MOE_CLUSTER_CPU_KVCACHE_SPACE GiB, 1 if unset; "
+                        "on GPUs what --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of the GPU's memory an engine may take (default 0.9)")
+    p.add_argument("--target-step-ms", type=float, default=None,
+                   help="prefill budget per step keeps a step near this many ms, decodes first (default: none)")
+
+
+ENGINE_FLAGS = ("max_model_len", "kv_cache_bytes", "gpu_memory_utilization", "target_step_ms")
+
+
+def _max_model_len(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens or 'auto', got {value!r}")
+    return number
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
@@ -41,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
                        grpc_port=args.grpc_port, api_keys=keys, served_model_name=args.served_model_name,
                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
                        max_tokens=args.max_tokens, grpc_reflection=args.grpc_reflection,
-                       num_engine_replicas=args.num_engine_replicas)
+                       num_engine_replicas=args.num_engine_replicas,
+                       engine={k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None} or None)
 
 
 def _interrupt(signum: int, _: FrameType | None) -> None:
@@ -52,13 +78,21 @@ def run(args: argparse.Namespace) -> int:
     from cluster.model.preflight import check_model_dir
 
     config = config_from_args(args)
-    # Checks before start: a bad model directory is named in one line before Ray is even imported.
-    check_model_dir(resolve_model_dir(config.model))
+    # Checks before start: a bad model directory, or a context the KV pool cannot hold, is named in
+    # one line before Ray is even imported.
+    report = check_model_dir(resolve_model_dir(config.model))
+    from cluster.engine.kv_pool import limits_before_start
+
+    limits = limits_before_start(config.engine.to_engine_config(), report.config.text, report.dtype)
+    if limits is not None:
+        print(f"moe-cluster: each engine's {limits.describe()}", flush=True)
     from deployments import launch
+    from deployments.frontend import drain
 
     launch.check_ports_free(config.host, {"HTTP": config.http_port, "gRPC": config.grpc_port})
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    started = False
+    started = interrupted = False
+    drain_signal = None
     try:
         print(f"moe-cluster: starting Ray and the application ({config.model or 'embedded tiny checkpoint'})...",
               flush=True)
@@ -67,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         # ray.init installs a SIGTERM handler that aborts the driver: put ours back.
         for s in previous:
             signal.signal(s, _interrupt)
+        drain_signal = drain.start_signal(config.app_name)  # before the ingress replicas look for it
         # A local cluster of fixed size: a placement or replica that cannot be had is refused, not awaited.
         launch.deploy([config], refuse_unscheduled=True)
         auth = "API key required" if config.api_keys else "no API key"
@@ -78,9 +113,15 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\nmoe-cluster: stopping...", file=sys.stderr, flush=True)
+        interrupted = True
     finally:
         for s in previous:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if interrupted and drain_signal is not None:
+            # New requests get 503 / UNAVAILABLE; those in flight run on, up to the graceful timeout.
+            left = drain.drain(drain_signal, config.graceful_shutdown_timeout_s)
+            print(f"moe-cluster: {'requests finished' if left == 0 else f'requests cut short: {left}'}",
+                  file=sys.stderr, flush=True)
         if started:
             launch.stop()
         for s, handler in previous.items():

@@ -21,6 +21,10 @@ from tests.ray_session import RaySession
 torch.set_num_threads(2)
 # The suite runs many engines on this one host (Ray workers inherit it): a quarter of the 1 GiB default each.
 os.environ.setdefault(CPU_KVCACHE_SPACE_ENV, "0.25")
+# Without CUDA, Triton kernels run in Triton's interpreter (chosen when a kernel is decorated, so
+# before any test imports one).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TESTS = Path(__file__).parent
 TIERS = ("unit", "integration", "e2e")

@@ -1,57 +1,139 @@
-"""Engine limits: KV pool, batch caps, context length. Every limit is explicit config."""
+"""Engine limits: KV pool, batch caps, context length, the step-time target. Every limit is
+explicit config, and what the engine makes of them (`ResolvedLimits`) is logged at start."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from cluster.engine.block_manager import cache_bytes_per_block
-from cluster.errors import ConfigError
+from cluster.errors import ConfigError, KVPoolTooSmallError
 from cluster.model.config import TextConfig
+
+MaxModelLen = int | Literal["auto"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 256 * 2**20
+    num_kv_blocks: int | None = None  # a fixed block count instead of a byte size (tests, benchmarks)
+    # The pool's bytes on any device. None: on CPUs MOE_CLUSTER_CPU_KVCACHE_SPACE GiB (1 by default),
+    # on GPUs what gpu_memory_utilization leaves (cluster/engine/kv_pool.py).
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take, as vLLM's
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per step, prefill chunks and decodes together
-    max_model_len: int | None = None  # None: the checkpoint's limit, capped by the KV pool
+    # "auto": the checkpoint's max_position_embeddings if the pool holds one such sequence, else
+    # the longest that fits. A number the pool cannot hold refuses the start.
+    max_model_len: MaxModelLen = "auto"
     enable_prefix_caching: bool = True  # reuse the cached KV blocks of a prompt's longest cached prefix
+    # A prefill budget per step keeps a step's time near this (decodes first; None: the token cap
+    # alone); a prefill still advances by at least min_prefill_tokens every step.
+    target_step_ms: float | None = None
+    min_prefill_tokens: int = 32
+    device: str | None = None  # None: "cpu" (the routed experts live on CPUs for now)
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: the checkpoint's
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_kv_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_prefill_tokens"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "kv_cache_bytes"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name), "or None")
+        if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} and kv_cache_bytes={self.kv_cache_bytes} both "
+                              "size the KV pool: set one of them")
+        if self.max_model_len != "auto":
+            _positive_int("max_model_len", self.max_model_len, 'or "auto"')
         if not isinstance(self.enable_prefix_caching, bool):
             raise ConfigError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        util = self.gpu_memory_utilization
+        if not isinstance(util, int | float) or isinstance(util, bool) or not 0 < util <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        target = self.target_step_ms
+        if target is not None and (not isinstance(target, int | float) or isinstance(target, bool) or target <= 0):
+            raise ConfigError(f"target_step_ms must be a positive number of milliseconds or None, got {target!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"device must be a device name such as 'cpu' or 'cuda:0', got {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else DTYPES[self.dtype]
+
+    def resolved_device(self) -> torch.device:
+        try:
+            return torch.device(self.device or "cpu")
+        except RuntimeError as exc:
+            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
+
+
+def _positive_int(name: str, value: object, alternative: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer{' ' + alternative if alternative else ''}, "
+                          f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    bytes: int
+    source: str  # where the size comes from, for messages: "engine.kv_cache_bytes", "gpu_memory_utilization=0.9 ..."
+    field: str  # the setting that raises it
 
 
 @dataclass(frozen=True)
 class ResolvedLimits:
     num_kv_blocks: int
     max_model_len: int
+    pool: PoolSize
+    bytes_per_token: int
+    block_size: int
+    how: str  # how max_model_len was set, for the log line
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_kv_blocks * self.block_size
+
+    def describe(self) -> str:
+        return (f"KV pool {self.pool.bytes:,} bytes ({self.pool.source}) at {self.bytes_per_token:,} bytes per token: "
+                f"{self.num_kv_blocks:,} blocks of {self.block_size} = {self.tokens:,} tokens; "
+                f"max_model_len {self.max_model_len:,} ({self.how})")
 
 
-def resolve_limits(config: EngineConfig, text: TextConfig, dtype: torch.dtype) -> ResolvedLimits:
-    blocks = config.num_kv_blocks or config.kv_cache_bytes // cache_bytes_per_block(text, config.block_size, dtype)
+def resolve_limits(config: EngineConfig, text: TextConfig, dtype: torch.dtype,
+                   pool: PoolSize | None) -> ResolvedLimits:
+    """Blocks from the pool's bytes (`cluster.engine.kv_pool.size_pool`; None: `num_kv_blocks`),
+    and the context length: "auto", or a number the pool and the checkpoint both allow. Refusals
+    name the numbers."""
+    per_block = cache_bytes_per_block(text, config.block_size, dtype)
+    per_token = per_block // config.block_size
+    if pool is None:
+        if config.num_kv_blocks is None:
+            raise ConfigError("the KV pool needs a size: kv_cache_bytes or num_kv_blocks")
+        pool = PoolSize(config.num_kv_blocks * per_block, f"engine.num_kv_blocks={config.num_kv_blocks}",
+                        "num_kv_blocks")
+    blocks = pool.bytes // per_block
     if blocks < 1:
-        raise ConfigError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
+        raise KVPoolTooSmallError(f"the KV pool of {pool.bytes:,} bytes ({pool.source}) holds no block of "
+                                  f"{config.block_size} tokens ({per_block:,} bytes at {per_token:,} bytes per token); "
+                                  f"raise {pool.field}")
     capacity = blocks * config.block_size
-    if config.max_model_len is None:
-        return ResolvedLimits(blocks, min(text.max_position_embeddings, capacity))
-    if config.max_model_len > text.max_position_embeddings:
+    limit = text.max_position_embeddings
+    if config.max_model_len == "auto":
+        how = ("auto: the checkpoint's max_position_embeddings" if capacity >= limit else
+               f"auto: the pool holds fewer than the checkpoint's max_position_embeddings={limit:,}")
+        return ResolvedLimits(blocks, min(limit, capacity), pool, per_token, config.block_size, how)
+    if config.max_model_len > limit:
         raise ConfigError(f"max_model_len={config.max_model_len} exceeds the checkpoint's "
-                          f"max_position_embeddings={text.max_position_embeddings}")
+                          f"max_position_embeddings={limit}")
     if config.max_model_len > capacity:
-        raise ConfigError(f"max_model_len={config.max_model_len} does not fit the KV pool "
-                          f"({blocks} blocks x {config.block_size} = {capacity} tokens); raise "
-                          "num_kv_blocks / kv_cache_bytes or lower max_model_len")
-    return ResolvedLimits(blocks, config.max_model_len)
+        raise KVPoolTooSmallError(
+            f"max_model_len={config.max_model_len:,} does not fit the KV pool: {pool.bytes:,} bytes ({pool.source}) "
+            f"at {per_token:,} bytes per token hold {capacity:,} tokens ({blocks:,} blocks of {config.block_size}); "
+            f"raise {pool.field}, or lower max_model_len to at most {capacity:,} (or set it to \"auto\")")
+    return ResolvedLimits(blocks, config.max_model_len, pool, per_token, config.block_size, "engine.max_model_len")

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.block_manager import blocks_needed
 from cluster.engine.logit_adjustments import adjust_logits, record
 from cluster.engine.sampler import logprobs, sample
+from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq
 from cluster.engine.sequence import Sequence, TokenLogprobs
 from cluster.model.attention import AttentionMetadata, DecodeBatch, SeqSpan
@@ -70,6 +72,16 @@ class ModelRunner:
         self.block_size = block_size
         self.caches = [torch.zeros(num_blocks, block_size, self.text.latent_dim, dtype=self.dtype, device=self.device)
                        for _ in range(self.text.num_hidden_layers)]
+
+    def profile_step(self, num_tokens: int, block_size: int) -> None:
+        """A `num_tokens`-token prefill over a scratch cache that is dropped afterwards: the step
+        whose peak memory the GPU pool sizing measures (its routed tokens count in the
+        dispatcher's expert counts, as any step's)."""
+        num_blocks = blocks_needed(num_tokens, block_size)
+        self.allocate_caches(num_blocks, block_size)
+        seq = Sequence("profile", [0] * num_tokens, num_tokens, SamplingParams(max_tokens=1, temperature=0.0), 0)
+        self.execute([ScheduledSeq(seq, num_tokens)], torch.arange(num_blocks)[None, :], [[seq]])
+        self.caches = []
 
     # -- a step --------------------------------------------------------------------------------
 
