@@ -20,13 +20,26 @@ from deployments.frontend.engine_client import merged
 from deployments.protos import moe_cluster_pb2 as pb
 
 Body = TypeVar("Body", bound=BaseModel)
-_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "presence_penalty",
+             "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "n")
 
 
 def _sampling(s: pb.SamplingOptions) -> dict[str, Any]:
     out: dict[str, Any] = {k: getattr(s, k) for k in _SAMPLING if s.HasField(k)}
-    out.update(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos)
+    out.update(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+               include_stop_str_in_output=s.include_stop_str_in_output)
+    if s.logit_bias:
+        out["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}  # JSON's shape: ids as strings
     return out
+
+
+def unary(body: Body) -> Body:
+    """A unary method's body: one answer, so one choice (n > 1 streams, each message tagged with its
+    choice's index)."""
+    if getattr(body, "n", 1) > 1:
+        raise BadRequest("n > 1 needs the streaming method (GenerateStream, ChatStream): each message there "
+                         "carries its choice's index", "n")
+    return body
 
 
 def completion_body(req: pb.GenerateRequest) -> CompletionRequest:
@@ -67,6 +80,8 @@ def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
         data["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice}} if named else req.tool_choice
     if req.reasoning_effort:
         data["reasoning_effort"] = req.reasoning_effort
+    if req.HasField("parallel_tool_calls"):
+        data["parallel_tool_calls"] = req.parallel_tool_calls
     return _validate(ChatCompletionRequest, data)
 
 
@@ -109,39 +124,45 @@ async def chat_whole(job: ChatJob) -> pb.ChatResponse:
 
 
 def _usage(job: CompletionJob | ChatJob) -> pb.Usage:
-    whole = job.streams[0].result()  # one stream: in step with the deltas read so far
-    counts = usage(len(whole.prompt_token_ids or ()), len(whole.token_ids), whole.num_cached_tokens or 0)
+    """Once every choice finished."""
+    counts = usage(job.prompt_tokens(), job.completion_tokens(), job.cached_tokens())
     return pb.Usage(prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"],
                     total_tokens=counts["total_tokens"],
                     cached_tokens=counts["prompt_tokens_details"]["cached_tokens"])
 
 
 async def generate_deltas(job: CompletionJob) -> AsyncIterator[pb.GenerateResponse]:
+    running = len(job.streams)
     try:
-        async for _, out in merged(job.streams):  # text deltas
+        async for i, out in merged(job.streams):  # text deltas
             message = pb.GenerateResponse(id=job.rid, text=out.text, token_ids=out.token_ids,
-                                          logprobs=_logprobs(out.logprobs or ()))
+                                          logprobs=_logprobs(out.logprobs or ()), index=i)
             if out.prompt_token_ids is not None:  # the first delta
                 message.prompt_token_ids.extend(out.prompt_token_ids)
             if out.finished:
+                running -= 1
                 message.finish_reason = out.finish_reason or ""
                 message.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
-                message.usage.CopyFrom(_usage(job))
+                if not running:
+                    message.usage.CopyFrom(_usage(job))
             yield message
     finally:
         job.cancel()
 
 
 async def chat_deltas(job: ChatJob) -> AsyncIterator[pb.ChatResponse]:
-    parser = job.parsers[0]
+    running = len(job.streams)
     try:
-        async for _, out in merged(job.streams):  # text deltas
+        async for i, out in merged(job.streams):  # text deltas
+            parser = job.parsers[i]
             delta = parser.feed(out.token_ids, len(out.text), out.finished)
             message = pb.ChatResponse(id=job.rid, content=delta.content, reasoning_content=delta.reasoning,
-                                      tool_calls=_tool_calls(delta))
+                                      tool_calls=_tool_calls(delta), index=i)
             if out.finished:
+                running -= 1
                 message.finish_reason = parser.finish_reason(out.finish_reason) or ""
-                message.usage.CopyFrom(_usage(job))
+                if not running:
+                    message.usage.CopyFrom(_usage(job))
                 yield message
             elif delta:
                 yield message

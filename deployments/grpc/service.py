@@ -26,6 +26,7 @@ from deployments.grpc.convert import (
     completion_body,
     generate_deltas,
     generate_whole,
+    unary,
 )
 from deployments.grpc.observe import observe_grpc
 from deployments.protos import moe_cluster_pb2 as pb
@@ -90,7 +91,7 @@ class GrpcMethods:
     @observe_grpc  # status counts; generation calls tracked (deployments.grpc.observe)
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         async def run() -> pb.GenerateResponse:
-            job = await start_completion(self.core, completion_body(request))
+            job = await start_completion(self.core, unary(completion_body(request)))
             return await generate_whole(job)
         return await self._unary(request, grpc_context, run, pb.GenerateResponse())
 
@@ -107,7 +108,7 @@ class GrpcMethods:
     @observe_grpc
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> pb.ChatResponse:  # noqa: N802
         async def run() -> pb.ChatResponse:
-            job = await start_chat(self.core, chat_body(request))
+            job = await start_chat(self.core, unary(chat_body(request)))
             return await chat_whole(job)
         return await self._unary(request, grpc_context, run, pb.ChatResponse())
 
