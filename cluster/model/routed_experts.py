@@ -177,6 +177,8 @@ class RoutedExperts(nn.Module):
         """x_sorted [P, H] grouped by local expert, counts [E_local] -> [P, H]: one grouped product
         per projection. Unquantized experts are used in place (empty groups cost nothing); fp8
         ones are dequantized for the hit experts only."""
+        gate_up: torch.Tensor
+        down: torch.Tensor
         if self.fp8 is None:
             gate_up, down, sizes = self.gate_up_proj, self.down_proj, counts
         else:
