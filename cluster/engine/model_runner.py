@@ -19,7 +19,7 @@ from cluster.engine.sampler import logprobs, sample
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq
 from cluster.engine.sequence import Sequence, TokenLogprobs
-from cluster.model.attention import AttentionMetadata, DecodeBatch, SeqSpan
+from cluster.model.attention_backend import AttentionMetadata, DecodeBatch, SeqSpan
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.dispatch import Dispatcher, ExchangeFailedError
 from cluster.model.text_model import Mistral4TextModel
@@ -46,12 +46,13 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, reader: CheckpointReader, dispatcher: Dispatcher, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, attention_backend: str = "torch") -> None:
         """Loads the dense model; `dispatcher` computes the routed experts. `dtype` None keeps the
-        checkpoint's. Only the CPU is exercised today: the experts stay where the dispatcher keeps
-        them, so another device is for a later change."""
+        checkpoint's; `attention_backend` names the kernels that attend
+        (`cluster.model.attention.ATTENTION_BACKENDS`). Only the CPU is exercised today: the experts
+        stay where the dispatcher keeps them, so another device is for a later change."""
         self.device = torch.device(device)
-        model = Mistral4TextModel.from_reader(reader)
+        model = Mistral4TextModel.from_reader(reader, attention_backend)
         if dtype is not None and dtype != model.dtype:
             model = model.to(dtype)
         self.model = model.to(self.device)
@@ -132,10 +133,7 @@ class ModelRunner:
         start_t = torch.tensor(starts)  # [B]
         count_t = torch.tensor(counts)  # [B]
         ends = start_t + count_t  # [B] context length of each sequence after this step
-        longest = int(ends.max())
-        arange = self._arange(max(longest, num_tokens))
-        # Every context slot of every sequence: [B, W*bs], the first ends[i] valid in row i.
-        slots = (block_tables[:, :, None] * bs + arange[:bs]).view(b, -1)
+        arange = self._arange(num_tokens)
         if num_tokens == b:  # decodes only: one new token per sequence
             owner = arange[:b]
             positions = start_t
@@ -143,7 +141,7 @@ class ModelRunner:
             owner = torch.repeat_interleave(arange[:b], count_t)  # [T] sequence of each token
             offsets = torch.cumsum(count_t, 0) - count_t  # [B] first flat row of each sequence
             positions = start_t[owner] + arange[:num_tokens] - offsets[owner]  # [T]
-        slot_mapping = slots[owner, positions]  # [T]
+        slot_mapping = block_tables[owner, positions // bs] * bs + positions % bs  # [T]
 
         decode_idx = [i for i, n in enumerate(counts) if n == 1]
         decode = None
@@ -153,18 +151,15 @@ class ModelRunner:
             flat_starts[i] = acc
             acc += n
         if decode_idx:
-            rows = torch.tensor([flat_starts[i] for i in decode_idx]) if len(decode_idx) < b else arange[:b]
-            sel = torch.tensor(decode_idx) if len(decode_idx) < b else None
-            lengths = ends if sel is None else ends[sel]  # [D]
-            width = int(lengths.max())
-            context = (slots if sel is None else slots[sel])[:, :width]  # [D, Lmax]
-            valid = arange[:width][None, :] < lengths[:, None]  # [D, Lmax]
-            decode = DecodeBatch(rows, context, valid[:, None, :])
-        spans = []
-        for i, (c, n) in enumerate(zip(starts, counts, strict=True)):
-            if n > 1:
-                mask = arange[:c + n][None, :] <= arange[c:c + n][:, None]  # [n, c+n]
-                spans.append(SeqSpan(flat_starts[i], n, slots[i, :c + n], mask))
+            longest = max(starts[i] for i in decode_idx) + 1
+            if len(decode_idx) == b:
+                decode = DecodeBatch(arange[:b], block_tables, ends, longest)
+            else:
+                sel = torch.tensor(decode_idx)
+                rows = torch.tensor([flat_starts[i] for i in decode_idx])
+                decode = DecodeBatch(rows, block_tables[sel], ends[sel], longest)
+        spans = [SeqSpan(flat_starts[i], n, c + n, block_tables[i])
+                 for i, (c, n) in enumerate(zip(starts, counts, strict=True)) if n > 1]
 
         cos, sin, query_scale = self._rope(positions)
         meta = AttentionMetadata(positions, slot_mapping, tuple(spans), decode, cos, sin, query_scale)
@@ -222,10 +217,10 @@ class ModelRunner:
 
 def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
     m = inputs.meta
-    decode = None if m.decode is None else DecodeBatch(
-        m.decode.rows.to(device), m.decode.context_slots.to(device), m.decode.valid.to(device))
-    spans = tuple(SeqSpan(s.start, s.num_new, s.context_slots.to(device),
-                          None if s.causal_mask is None else s.causal_mask.to(device)) for s in m.spans)
+    d = m.decode
+    decode = None if d is None else DecodeBatch(d.rows.to(device), d.block_tables.to(device),
+                                                d.context_lens.to(device), d.longest)
+    spans = tuple(SeqSpan(s.start, s.num_new, s.context_len, s.block_table.to(device)) for s in m.spans)
     meta = AttentionMetadata(m.positions.to(device), m.slot_mapping.to(device), spans, decode, m.cos.to(device),
                              m.sin.to(device), m.query_scale.to(device))
     embeds = None if inputs.inputs_embeds is None else inputs.inputs_embeds.to(device)

@@ -2,55 +2,41 @@
 
 The cache holds, per token, the normed compressed kv (`kv_lora_rank`) and the rotated shared
 rope key (`qk_rope_head_dim`): `[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]` per
-layer, never expanded keys and values.
+layer, never expanded keys and values. Queries are absorbed (W_UK multiplied into the nope part)
+and outputs un-absorbed (W_UV) here; the softmax over the cache is an `AttentionBackend`'s, chosen
+by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cluster.errors import ConfigError
+from cluster.model.attention_backend import AttentionBackend, AttentionMetadata, DecodeBatch, SeqSpan
 from cluster.model.config import TextConfig
 from cluster.model.layers import RMSNorm, Rope
+from cluster.model.torch_attention import TorchAttention
+
+__all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "DecodeBatch", "MLAAttention", "SeqSpan",
+           "make_attention_backend"]
 
 
-@dataclass(frozen=True)
-class SeqSpan:
-    """One sequence's share of a step: its new tokens are rows [start, start + num_new) of the
-    flat batch; they attend to the `context_slots` ([L], the last num_new being their own)."""
-
-    start: int
-    num_new: int
-    context_slots: torch.Tensor  # [L] int64 cache slots
-    causal_mask: torch.Tensor | None  # [num_new, L] bool, None when num_new == 1
+ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttention}
 
 
-@dataclass(frozen=True)
-class DecodeBatch:
-    """Sequences advancing by one token, attended together over padded contexts."""
-
-    rows: torch.Tensor  # [B] their rows in the flat batch
-    context_slots: torch.Tensor  # [B, Lmax] cache slots, padded with slot 0
-    valid: torch.Tensor  # [B, 1, Lmax] bool, False on padding
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T] where each new token's latent is written
-    spans: tuple[SeqSpan, ...]  # sequences with several new tokens (prefill chunks)
-    decode: DecodeBatch | None
-    cos: torch.Tensor  # [T, rope]
-    sin: torch.Tensor  # [T, rope]
-    query_scale: torch.Tensor  # [T]
+def make_attention_backend(name: str) -> AttentionBackend:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; known: {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, text: TextConfig, rope: Rope) -> None:
+    def __init__(self, text: TextConfig, rope: Rope, backend: AttentionBackend) -> None:
         super().__init__()
+        self.backend = backend
         h, heads = text.hidden_size, text.num_attention_heads
         self.heads = heads
         self.nope, self.rope_dim, self.v_dim = text.qk_nope_head_dim, text.qk_rope_head_dim, text.v_head_dim
@@ -82,39 +68,19 @@ class MLAAttention(nn.Module):
         q_rot = self.rope.apply(q_rot, meta.cos, meta.sin)
         k_rot = self.rope.apply(k_rot[:, None, :], meta.cos, meta.sin)[:, 0]  # [T, r]
         latent = torch.cat([self.kv_a_layernorm(kv_pass), k_rot], dim=-1)  # [T, D]
-        flat_cache = cache.view(-1, cache.shape[-1])  # [NB*BS, D]
-        flat_cache[meta.slot_mapping] = latent
+        cache.view(-1, cache.shape[-1])[meta.slot_mapping] = latent
 
-        q = torch.cat([q_nope, q_rot], dim=-1) * meta.query_scale.to(q.dtype)[:, None, None]
-        out = torch.empty(t, self.heads, self.v_dim, dtype=x.dtype)
-        if meta.decode is not None:
-            out[meta.decode.rows] = self._decode(q[meta.decode.rows], meta.decode, flat_cache)
-        w_kv = self.kv_b_proj.weight
-        for span in meta.spans:
-            ctx = flat_cache[span.context_slots]  # [L, D]
-            c, kr = ctx.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-            kv = F.linear(c, w_kv).view(-1, self.heads, self.nope + self.v_dim)  # [L, h, nope+v]
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, kr[:, None, :].expand(-1, self.heads, -1)], dim=-1)  # [L, h, qk]
-            qs = q[span.start:span.start + span.num_new]  # [n, h, qk]
-            o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                attn_mask=span.causal_mask, scale=self.rope.softmax_scale)  # [h, n, v]
-            out[span.start:span.start + span.num_new] = o.transpose(0, 1)
-        return self.o_proj(out.reshape(t, self.heads * self.v_dim))
-
-    def _decode(self, q: torch.Tensor, batch: DecodeBatch, flat_cache: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence, attending in latent space: the key and value up-projections
-        are absorbed into the query and the output, so contexts are never expanded per head."""
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [h, nope, c], [h, v, c]
-        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, h, nope], [B, h, r]
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, h, c]
-        query = torch.cat([q_lat, q_rot], dim=-1)  # [B, h, c+r]
-        ctx = flat_cache[batch.context_slots]  # [B, L, c+r]
-        # Plain batched matmuls: SDPA over a head-broadcast latent key falls back to a slow path.
-        scores = torch.bmm(query, ctx.transpose(1, 2)) * self.rope.softmax_scale  # [B, h, L]
-        scores = scores.masked_fill(~batch.valid, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-        o_lat = torch.bmm(probs, ctx[..., :self.kv_lora_rank])  # [B, h, c]
-        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)  # [B, h, v]
+        query = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_rot], dim=-1)  # [T, h, c+r]
+        query = query * meta.query_scale.to(q.dtype)[:, None, None]
+        scale, rank = self.rope.softmax_scale, self.kv_lora_rank
+        attended = torch.empty(t, self.heads, rank, dtype=x.dtype, device=x.device)  # [T, h, c]
+        if meta.decode is not None:
+            rows = meta.decode.rows
+            attended[rows] = self.backend.decode(query[rows], cache, meta.decode, rank, scale)
+        for span in meta.spans:
+            chunk = slice(span.start, span.start + span.num_new)
+            attended[chunk] = self.backend.prefill(query[chunk], cache, span, rank, scale)
+        out = torch.einsum("thc,hvc->thv", attended, w_uv)  # [T, h, v]
+        return self.o_proj(out.reshape(t, self.heads * self.v_dim))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from cluster.errors import CheckpointError
-from cluster.model.attention import AttentionMetadata, MLAAttention
+from cluster.model.attention import MLAAttention, make_attention_backend
+from cluster.model.attention_backend import AttentionBackend, AttentionMetadata
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import TextConfig
 from cluster.model.dispatch import Dispatcher
@@ -19,10 +20,10 @@ from cluster.model.moe import MoEBlock
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, text: TextConfig, layer: int, rope: Rope) -> None:
+    def __init__(self, text: TextConfig, layer: int, rope: Rope, attention: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.self_attn = MLAAttention(text, rope)
+        self.self_attn = MLAAttention(text, rope, attention)
         self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.mlp: nn.Module = MoEBlock(text, layer) if text.is_moe_layer(layer) \
             else MLP(text.hidden_size, text.intermediate_size)
@@ -35,22 +36,24 @@ class DecoderLayer(nn.Module):
 
 
 class Mistral4TextModel(nn.Module):
-    def __init__(self, text: TextConfig) -> None:
+    def __init__(self, text: TextConfig, attention_backend: str = "torch") -> None:
         super().__init__()
         self.config = text
+        self.attention = make_attention_backend(attention_backend)  # one for every layer
         with torch.device("cpu"):  # rope tables are computed, never loaded: not on the meta device
             self.rope = Rope(text)
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(text, i, self.rope) for i in range(text.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(text, i, self.rope, self.attention)
+                                    for i in range(text.num_hidden_layers))
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
     @classmethod
-    def from_reader(cls, reader: CheckpointReader) -> Mistral4TextModel:
+    def from_reader(cls, reader: CheckpointReader, attention_backend: str = "torch") -> Mistral4TextModel:
         """Builds the model and loads the dense part (no routed experts) from the checkpoint."""
         text = reader.config.text
         with torch.device("meta"):
-            model = cls(text)
+            model = cls(text, attention_backend)
         state = {k: v for k, v in reader.dense_state_dict().items() if v.numel() > 0}
         if "lm_head.weight" not in state and text.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
