@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class LLMEngine:
         self.max_model_len = limits.max_model_len
         self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.runner.allocate_caches(limits.num_kv_blocks, self.config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   self.config.target_step_ms, self.config.min_prefill_tokens),
                                    self.blocks)
         self.stop = StopChecker.for_model_dir(self.model_dir, self.text.eos_token_id)
         self.runner.eos_ids = frozenset(self.stop.eos_ids)
@@ -201,6 +203,7 @@ class LLMEngine:
 
     def step(self) -> list[EngineOutput]:
         """Runs one step; an output per request it advanced, with only that step's tokens."""
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -236,6 +239,7 @@ class LLMEngine:
                     if all(c.finished for c in self._requests[seq.request_id]):
                         del self._requests[seq.request_id]
                 outputs.append(self._output(seq))
+        self.scheduler.observe_step((time.perf_counter() - started) * 1e3)
         return outputs
 
     def _cache_computed(self, seq: Sequence) -> None:

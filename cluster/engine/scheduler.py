@@ -1,8 +1,11 @@
 """Continuous batching with chunked prefill under a per-step token budget.
 
-Each step, running sequences go first (a decode needs one token, an unfinished prefill takes
-what budget is left), then waiting ones are admitted while the budget, the running cap and the
-KV pool allow; a sequence admitted from scratch starts after its longest cached prefix
+Each step, running decodes go first (a token each), then unfinished prefills take what budget is
+left, then waiting ones are admitted while the budget, the running cap and the KV pool allow.
+With `target_step_ms`, prefills also share a budget that keeps the step's time near it, learnt
+from the engine's measured step times (`step_budget.py`); the step's first prefill still takes at
+least `min_prefill_tokens`, so a long prompt advances every step without stalling the streams.
+A sequence admitted from scratch starts after its longest cached prefix
 (`BlockManager`'s prefix cache), so only the rest is prefilled. When blocks run out, the most
 recently admitted running sequence is preempted: its blocks are freed (its computed full blocks
 stay cached) and it is recomputed later from its tokens so far.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.sequence import Sequence, Status
+from cluster.engine.step_budget import StepBudget, StepShape, chunk_work
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class ScheduledSeq:
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
+    target_step_ms: float | None = None  # None: the token cap alone
+    min_prefill_tokens: int = 32
 
 
 class Scheduler:
@@ -47,6 +53,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_queried_tokens = 0  # tokens of sequences admitted from scratch (prefix cache lookups)
         self.num_cached_tokens = 0  # of those, tokens the prefix cache gave
+        self.step_budget = (StepBudget(config.target_step_ms, config.min_prefill_tokens)
+                            if config.target_step_ms is not None else None)
+        self.last_shape = StepShape(0, 0, 0.0)  # what the last schedule() placed, for observe_step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -90,15 +99,32 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _prefill_take(self, decodes: int, chunks: list[tuple[int, int]], context: int, want: int) -> int:
+        """Tokens of a prefill at `context` this step: what it wants, within the step-time budget."""
+        if self.step_budget is None or want <= 1:
+            return want
+        return self.step_budget.prefill_tokens(decodes, chunks, context, want)
+
+    def observe_step(self, ms: float) -> None:
+        """The last scheduled step's measured time (the engine's), which the prefill budget adapts to."""
+        if self.step_budget is not None:
+            self.step_budget.observe(self.last_shape, ms)
+
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        for seq in list(self.running):
+        chunks: list[tuple[int, int]] = []  # (context before, tokens) of the step's prefill chunks
+        decodes = 0
+        # Decodes first (a token each), then the unfinished prefills in admission order.
+        for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = self._prefill_take(decodes, chunks, seq.num_computed,
+                                   min(len(seq.token_ids) - seq.num_computed, budget))
+            if n == 0:  # the step's time is spent: the other prefills wait a step
+                continue
             while not self.blocks.ensure(seq.seq_id, seq.num_computed + n):
                 done = {s.seq for s in scheduled}
                 victims = [s for s in self.running if s not in done and s is not seq]
@@ -108,6 +134,10 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                if len(seq.token_ids) - seq.num_computed > 1:
+                    chunks.append((seq.num_computed, n))
+                else:
+                    decodes += 1
         width = self._width()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -115,8 +145,8 @@ class Scheduler:
                 break
             reuse = self._cached_prefix(seq)
             start = seq.num_computed + len(reuse) * self.blocks.block_size
-            n = min(len(seq.token_ids) - start, budget)
-            if not self.blocks.ensure(seq.seq_id, start + n, reuse):
+            n = self._prefill_take(decodes, chunks, start, min(len(seq.token_ids) - start, budget))
+            if n == 0 or not self.blocks.ensure(seq.seq_id, start + n, reuse):
                 break
             if seq.num_computed == 0:  # admitted from scratch (new, or preempted): a prefix cache query
                 self.num_queried_tokens += len(seq.token_ids)
@@ -130,6 +160,11 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            if len(seq.token_ids) - start > 1:
+                chunks.append((start, n))
+            else:
+                decodes += 1
+        self.last_shape = StepShape(decodes, sum(n for _, n in chunks), sum(chunk_work(c, n) for c, n in chunks))
         return scheduled
 
     def check_integrity(self) -> None:
