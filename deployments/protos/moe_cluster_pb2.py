@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$deployments/protos/moe_cluster.proto\x12\x0emoe_cluster.v1\"\xb1\x05\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x0f \x03(\x0b\x32..moe_cluster.v1.SamplingOptions.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.moe_cluster.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.moe_cluster.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x05 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.moe_cluster.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xea\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12$\n\x05usage\x18\x07 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"~\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.moe_cluster.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xa0\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.moe_cluster.v1.ChatMessage\x12#\n\x05tools\x18\x03 \x03(\x0b\x32\x14.moe_cluster.v1.Tool\x12\x13\n\x0btool_choice\x18\x04 \x01(\t\x12\x18\n\x10reasoning_effort\x18\x05 \x01(\t\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.moe_cluster.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xc0\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12,\n\ntool_calls\x18\x04 \x03(\x0b\x32\x18.moe_cluster.v1.ToolCall\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moe_cluster.v1.Model2\x95\x03\n\nMoeCluster\x12M\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse0\x01\x12\x41\n\x04\x43hat\x12\x1b.moe_cluster.v1.ChatRequest\x1a\x1c.moe_cluster.v1.ChatResponse\x12I\n\nChatStream\x12\x1b.moe_cluster.v1.ChatRequest\x1a\x1c.moe_cluster.v1.ChatResponse0\x01\x12S\n\nListModels\x12!.moe_cluster.v1.ListModelsRequest\x1a\".moe_cluster.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$deployments/protos/moe_cluster.proto\x12\x0emoe_cluster.v1\"\xb1\x05\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x0f \x03(\x0b\x32..moe_cluster.v1.SamplingOptions.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.moe_cluster.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.moe_cluster.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x37\n\x0fresponse_format\x18\x06 \x01(\x0b\x32\x1e.moe_cluster.v1.ResponseFormatB\x08\n\x06prompt\"O\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12/\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1a.moe_cluster.v1.JsonSchema\"T\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.moe_cluster.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xea\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12$\n\x05usage\x18\x07 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"Q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x19.moe_cluster.v1.ImagePartH\x00\x42\x06\n\x04part\"4\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xaa\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.moe_cluster.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12*\n\x05parts\x18\x06 \x03(\x0b\x32\x1b.moe_cluster.v1.ContentPart\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xd9\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.moe_cluster.v1.ChatMessage\x12#\n\x05tools\x18\x03 \x03(\x0b\x32\x14.moe_cluster.v1.Tool\x12\x13\n\x0btool_choice\x18\x04 \x01(\t\x12\x18\n\x10reasoning_effort\x18\x05 \x01(\t\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.moe_cluster.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x37\n\x0fresponse_format\x18\t \x01(\x0b\x32\x1e.moe_cluster.v1.ResponseFormatB\x16\n\x14_parallel_tool_calls\"\xc0\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12,\n\ntool_calls\x18\x04 \x03(\x0b\x32\x18.moe_cluster.v1.ToolCall\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moe_cluster.v1.Model2\x95\x03\n\nMoeCluster\x12M\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse0\x01\x12\x41\n\x04\x43hat\x12\x1b.moe_cluster.v1.ChatRequest\x1a\x1c.moe_cluster.v1.ChatResponse\x12I\n\nChatStream\x12\x1b.moe_cluster.v1.ChatRequest\x1a\x1c.moe_cluster.v1.ChatResponse0\x01\x12S\n\nListModels\x12!.moe_cluster.v1.ListModelsRequest\x1a\".moe_cluster.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=748
   _globals['_TOKENIDS']._serialized_end=771
   _globals['_GENERATEREQUEST']._serialized_start=774
-  _globals['_GENERATEREQUEST']._serialized_end=950
-  _globals['_TOPLOGPROB']._serialized_start=952
-  _globals['_TOPLOGPROB']._serialized_end=999
-  _globals['_TOKENLOGPROB']._serialized_start=1001
-  _globals['_TOKENLOGPROB']._serialized_end=1091
-  _globals['_USAGE']._serialized_start=1093
-  _globals['_USAGE']._serialized_end=1195
-  _globals['_GENERATERESPONSE']._serialized_start=1198
-  _globals['_GENERATERESPONSE']._serialized_end=1432
-  _globals['_TOOLCALL']._serialized_start=1434
-  _globals['_TOOLCALL']._serialized_end=1504
-  _globals['_CHATMESSAGE']._serialized_start=1506
-  _globals['_CHATMESSAGE']._serialized_end=1632
-  _globals['_TOOL']._serialized_start=1634
-  _globals['_TOOL']._serialized_end=1700
-  _globals['_CHATREQUEST']._serialized_start=1703
-  _globals['_CHATREQUEST']._serialized_end=1991
-  _globals['_CHATRESPONSE']._serialized_start=1994
-  _globals['_CHATRESPONSE']._serialized_end=2186
-  _globals['_LISTMODELSREQUEST']._serialized_start=2188
-  _globals['_LISTMODELSREQUEST']._serialized_end=2207
-  _globals['_MODEL']._serialized_start=2209
-  _globals['_MODEL']._serialized_end=2269
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2271
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2330
-  _globals['_MOECLUSTER']._serialized_start=2333
-  _globals['_MOECLUSTER']._serialized_end=2738
+  _globals['_GENERATEREQUEST']._serialized_end=1007
+  _globals['_RESPONSEFORMAT']._serialized_start=1009
+  _globals['_RESPONSEFORMAT']._serialized_end=1088
+  _globals['_JSONSCHEMA']._serialized_start=1090
+  _globals['_JSONSCHEMA']._serialized_end=1174
+  _globals['_TOPLOGPROB']._serialized_start=1176
+  _globals['_TOPLOGPROB']._serialized_end=1223
+  _globals['_TOKENLOGPROB']._serialized_start=1225
+  _globals['_TOKENLOGPROB']._serialized_end=1315
+  _globals['_USAGE']._serialized_start=1317
+  _globals['_USAGE']._serialized_end=1419
+  _globals['_GENERATERESPONSE']._serialized_start=1422
+  _globals['_GENERATERESPONSE']._serialized_end=1656
+  _globals['_TOOLCALL']._serialized_start=1658
+  _globals['_TOOLCALL']._serialized_end=1728
+  _globals['_CONTENTPART']._serialized_start=1730
+  _globals['_CONTENTPART']._serialized_end=1811
+  _globals['_IMAGEPART']._serialized_start=1813
+  _globals['_IMAGEPART']._serialized_end=1865
+  _globals['_CHATMESSAGE']._serialized_start=1868
+  _globals['_CHATMESSAGE']._serialized_end=2038
+  _globals['_TOOL']._serialized_start=2040
+  _globals['_TOOL']._serialized_end=2106
+  _globals['_CHATREQUEST']._serialized_start=2109
+  _globals['_CHATREQUEST']._serialized_end=2454
+  _globals['_CHATRESPONSE']._serialized_start=2457
+  _globals['_CHATRESPONSE']._serialized_end=2649
+  _globals['_LISTMODELSREQUEST']._serialized_start=2651
+  _globals['_LISTMODELSREQUEST']._serialized_end=2670
+  _globals['_MODEL']._serialized_start=2672
+  _globals['_MODEL']._serialized_end=2732
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2734
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2793
+  _globals['_MOECLUSTER']._serialized_start=2796
+  _globals['_MOECLUSTER']._serialized_end=3201
 # @@protoc_insertion_point(module_scope)
