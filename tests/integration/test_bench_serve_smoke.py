@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow  # its own Ray cluster and Serve, in a child proce
 
 def test_serve_benchmark_smoke(tiny_ckpt: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's cluster
-    proc = subprocess.run([sys.executable, "-m", "ops.bench.serve", "--smoke", "--ckpt-dir", str(tiny_ckpt)],
+    proc = subprocess.run([sys.executable, "-m", "ops.bench.serve", "--smoke", "--ckpt-dir", str(tiny_ckpt),
+                           "--target-step-ms", "50"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     out = proc.stdout
@@ -34,4 +35,6 @@ def test_serve_benchmark_smoke(tiny_ckpt: Path) -> None:
     assert re.search(r"Goal: HTTP output tokens/s at concurrency 4 at least 0.8x the direct handle: \*\*[\d.]+x", out)
     gaps = re.findall(r"^\| (before|during the long prefill) \| (\d+) \|", out, re.M)
     assert [g[0] for g in gaps] == ["before", "during the long prefill"] and all(int(n) > 0 for _, n in gaps), out
-    assert re.search(r"Goal: the long prompt at most doubles the others' inter-token p99: \*\*[\d.]+x", out)
+    assert re.search(r"Goals: the long prompt at most doubles the others' inter-token p99: \*\*[\d.]+x, \w+\*\*; its "
+                     r"time to first token within 1.5x of running alone: \*\*[\d.]+x", out)
+    assert re.search(r"^\| alone \| [\d.]+ \|$", out, re.M) and "`target_step_ms` 50" in out
