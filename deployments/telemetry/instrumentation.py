@@ -104,6 +104,8 @@ class RequestTracker:
             if self.request.finished is not None:
                 return
             new = len(out.token_ids)  # a delta: the tokens new in this output
+            if out.prompt_token_ids is not None and getattr(out, "num_cached_tokens", None) is not None:
+                self.request.on_cached_tokens(out.num_cached_tokens)  # the first delta
             self._tokens[index] += new
             if new > 0:
                 self.request.on_token(new)

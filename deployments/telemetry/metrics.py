@@ -39,6 +39,7 @@ EXCHANGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 IMAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 VISION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REFORM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CACHED_TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
 
 
@@ -85,6 +86,12 @@ METRICS: tuple[MetricDef, ...] = (
     _m("generation_tokens_total", "counter", "Tokens generated."),
     _m("preemptions_total", "counter", "Sequences preempted (KV blocks freed, recomputed later)."),
     _m("forward_calls_total", "counter", "Model forward passes (engine steps that ran the model)."),
+    _m("prefix_cache_queries_total", "counter",
+       "Prompt tokens looked up in the prefix cache (each admission of a sequence from scratch)."),
+    _m("prefix_cache_hits_total", "counter",
+       "Of those, tokens found cached and not prefilled (hit rate: rate(hits) / rate(queries))."),
+    _m("prefix_cache_hit_ratio", "gauge", "Prefix cache hits / queries since the engine started (0..1)."),
+    _m("prefix_cache_blocks", "gauge", "KV blocks findable in the prefix cache (held or free)."),
     _m("group_reforms_total", "counter", "Expert-parallel group re-formations after a failed exchange."),
     _m("group_reform_seconds", "histogram", "Time one expert-parallel group re-formation took.",
        buckets=REFORM_BUCKETS),
@@ -94,6 +101,8 @@ METRICS: tuple[MetricDef, ...] = (
        buckets=TTFT_BUCKETS, recorder="ingress"),
     _m("inter_token_latency_seconds", "histogram", "Gap between consecutive generated tokens of a request.",
        buckets=ITL_BUCKETS, recorder="ingress"),
+    _m("request_cached_tokens", "histogram", "Prompt tokens of one engine request that the prefix cache gave.",
+       buckets=CACHED_TOKEN_BUCKETS, recorder="ingress"),
     _m("requests_finished_total", "counter",
        "Requests ended, by reason: stop, length, tool_calls, or an abort cause (client, deadline, error).",
        tags=("reason",), recorder="ingress"),
@@ -230,7 +239,8 @@ def render_table() -> str:
     lines = ["| Series | Type | Tags | Recorded by | Description |", "| --- | --- | --- | --- | --- |"]
     for m in METRICS:
         tags = ", ".join(f"`{t}`" for t in m.tags) or "-"
-        kind = m.kind if m.kind != "histogram" else "histogram (" + ", ".join(f"{b:g}" for b in m.buckets) + " s)"
+        unit = " tokens" if m.name.endswith("_tokens") else " s"
+        kind = m.kind if m.kind != "histogram" else "histogram (" + ", ".join(f"{b:g}" for b in m.buckets) + unit + ")"
         lines.append(f"| `{m.exported}` | {kind} | {tags} | {m.recorder} | {m.description} |")
     return "\n".join([TABLE_BEGIN, *lines, TABLE_END])
 

@@ -37,6 +37,8 @@ _STATS_COUNTERS = (
     ("generation_tokens", "generation_tokens_total"),
     ("num_preemptions", "preemptions_total"),
     ("forward_calls", "forward_calls_total"),
+    ("prefix_queried_tokens", "prefix_cache_queries_total"),
+    ("prefix_cached_tokens", "prefix_cache_hits_total"),
 )
 
 
@@ -64,6 +66,8 @@ class EngineMetrics:
         m.set("kv_blocks_used", stats.kv_blocks_used)
         m.set("kv_blocks_capacity", stats.kv_blocks_total)
         m.set("kv_usage_ratio", stats.kv_usage)
+        m.set("prefix_cache_hit_ratio", stats.prefix_hit_rate)
+        m.set("prefix_cache_blocks", stats.prefix_cached_blocks)
         with self._lock:
             for field, counter in _STATS_COUNTERS:
                 value = int(getattr(stats, field))
@@ -122,6 +126,10 @@ class RequestMetrics:
                 self.metrics.observe("inter_token_latency_seconds", gap)
             self.tokens += count
         self.last_token_at = now
+
+    def on_cached_tokens(self, count: int) -> None:
+        """An engine request of this request started with `count` prompt tokens from the prefix cache."""
+        self.metrics.observe("request_cached_tokens", count)
 
     def on_finish(self, reason: str) -> None:
         if self.finished is not None:
