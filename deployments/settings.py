@@ -100,3 +100,7 @@ class RoutingSettings(BaseModel):
     stats_period_s: PositiveFloat = Field(0.5, description="how often engine replicas report their KV state")
     stats_timeout_s: PositiveFloat = Field(5.0, description="a report slower than this is dropped")
     stale_after_s: PositiveFloat = Field(3.0, description="reports older than this count as unknown")
+    prefix_aware: bool = Field(True, description="with kv_aware: prefer the replica this handle sent the longest "
+                                                 "prefix of the prompt (its prefix cache likely holds it)")
+    prefix_max_imbalance: NonNegativeInt = Field(
+        8, description="requests in flight that replica may have above the least busy one and still be preferred")

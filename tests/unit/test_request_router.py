@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.engine.prefix_hash import block_keys
 from deployments.errors import BadRequest, Overloaded
 from deployments.frontend.admission import TokenBudget
 from deployments.serving.request_router import KVScoreboard
@@ -146,3 +147,90 @@ def test_a_burst_is_counted_as_it_is_chosen():
     stats_call = _Pending(5)
     stats_call.metadata = type("M", (), {"call_method": "stats"})()
     assert asyncio.run(router.choose_replicas([a, b], stats_call)) == [[a, b]]
+
+
+# -- prefix-aware ------------------------------------------------------------------------------
+
+
+def _prompt_call(prompt: list[int], rid: str = "r") -> _Pending:
+    from types import SimpleNamespace
+
+    call = _Pending(0)
+    call.args = [SimpleNamespace(request_id=rid, prompt_token_ids=tuple(prompt))]
+    return call
+
+
+def _prefix_router(max_imbalance: int = 8):
+    from deployments.serving.request_router import KVAwareRequestRouter
+
+    router = object.__new__(KVAwareRequestRouter)  # Serve's constructor needs a running Serve
+    router.initialize_state(stale_after_s=30.0, max_imbalance=max_imbalance)
+    return router
+
+
+def _route(router, replicas: list, prompt: list[int]) -> str:
+    """One request through the router as Serve sends it: chosen, then routed to the first rank."""
+    import asyncio
+
+    call = _prompt_call(prompt)
+    chosen = asyncio.run(router.choose_replicas(replicas, call))[0][0]
+    router.on_request_routed(call, chosen.replica_id, None)
+    return chosen.replica_id.unique_id
+
+
+def test_two_conversations_stay_on_their_replicas_while_fresh_prompts_spread():
+    router = _prefix_router()
+    now = router.board.clock()
+    a, b = _Replica("a", report(1, 300, now)), _Replica("b", report(1, 300, now))
+    talks = {"x": [1] + list(range(100, 150)), "y": [1] + list(range(500, 550))}
+    home = {name: _route(router, [a, b], prompt) for name, prompt in talks.items()}
+    assert sorted(home.values()) == ["a", "b"], "the first turns spread (the first one's blocks are counted)"
+    for turn in range(5):
+        for name in talks:  # the answer and the next user message extend the conversation
+            talks[name] = talks[name] + list(range(1000 + 40 * turn, 1040 + 40 * turn))
+        # each report says the other replica has more room: KV order alone would move them
+        now = router.board.clock()
+        seq = turn + 2
+        a.routing_stats, b.routing_stats = report(seq, 200 - 10 * turn, now), report(seq, 200 - 10 * turn, now)
+        for name, prompt in talks.items():
+            other = b if home[name] == "a" else a
+            other.routing_stats = report(seq, 250, now)
+            (a if home[name] == "a" else b).routing_stats = report(seq, 150, now)
+            assert _route(router, [a, b], prompt) == home[name], f"turn {turn + 2} of {name} left its replica"
+    # fresh prompts share no full block with anything sent: they go by free blocks, and spread
+    now = router.board.clock()
+    a.routing_stats, b.routing_stats = report(20, 200, now), report(20, 200, now)
+    fresh = [_route(router, [a, b], [1] + list(range(3000 + 100 * i, 3000 + 100 * i + 60))) for i in range(6)]
+    assert fresh.count("a") == fresh.count("b") == 3
+
+
+def test_a_prefix_yields_to_load_and_to_room():
+    router = _prefix_router(max_imbalance=2)
+    now = router.board.clock()
+    a, b = _Replica("a", report(1, 300, now)), _Replica("b", report(1, 100, now))
+    system = [1] + list(range(100, 163))  # 64 tokens: 4 full blocks
+    assert _route(router, [a, b], system + [7, 8]) == "a"
+    a.routing_stats, b.routing_stats = report(2, 100, now), report(2, 300, now)
+    assert _route(router, [a, b], system + [9, 10]) == "a", "the shared prefix outweighs free blocks"
+    a.routing_stats = report(3, 100, now, running=3)  # 3 more in flight than b: over the imbalance
+    b.routing_stats = report(3, 300, now, running=0)
+    assert _route(router, [a, b], system + [11, 12]) == "b"
+    a.routing_stats = report(4, 2, now)  # no room for the rest of the prompt
+    b.routing_stats = report(4, 300, now)
+    assert _route(router, [a, b], system + list(range(2000, 2100))) == "b"
+    assert router.board.prefixes.matched("b", block_keys(system, 16)) == 4, "b is remembered with the prefix now"
+
+
+def test_prefix_memory_forgets_the_oldest_past_the_pool_and_gone_replicas():
+    from deployments.serving.prefix_memory import PrefixMemory
+
+    memory: PrefixMemory[str] = PrefixMemory()
+    first = block_keys(list(range(64)), 16)  # 4 blocks
+    second = block_keys(list(range(1000, 1064)), 16)
+    memory.remember("a", first, capacity=6)
+    memory.remember("a", second, capacity=6)
+    assert memory.size("a") == 6
+    assert memory.matched("a", second) == 4
+    assert memory.matched("a", first) == 2, "the oldest prompt's later blocks went first; its prefix stays"
+    memory.forget(["b"])
+    assert memory.size("a") == 0
