@@ -207,3 +207,45 @@ def test_cache_salt_isolates_tenants(cached: LLM) -> None:
     again = cached.generate([{"prompt_token_ids": prompt, "cache_salt": "tenant-a"}], GREEDY, use_tqdm=False)
     assert engine.stats().prefix_cached_tokens == before + 48
     assert again[0].token_ids == outs[0].token_ids
+
+
+def _image_chat(text: str, seed: int) -> dict:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    # an earlier turn first: the image tokens come before the text of their own message
+    return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "Send it."},
+                         {"role": "user", "content": [{"type": "text", "text": "Here it is."},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_images_key_their_blocks_by_pixels(cached: LLM, uncached: LLM) -> None:
+    """Two prompts of the same token ids whose images differ share only the blocks before the
+    image; the same image again shares the blocks over it too; the tokens are caching off's."""
+    text = "Describe the picture below in a few words, and say which colours stand out the most in it."
+    first, other, again = _image_chat(text, 1), _image_chat(text, 2), _image_chat(text, 1)
+    ids = cached.encode(first)
+    assert ids == cached.encode(other), "same size: the same token ids, only the pixels differ"
+    image_token = cached.model_config.image_token_id
+    before_image = ids.index(image_token) // BS * BS
+    assert before_image >= BS
+    engine = cached.engine
+    outs = []
+    cached_counts = []
+    for prompt in (first, other, again):
+        start = engine.stats().prefix_cached_tokens
+        outs.append(cached.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids)
+        cached_counts.append(engine.stats().prefix_cached_tokens - start)
+        engine.check_integrity()
+    assert cached_counts[1] == before_image, "another image: the blocks over it are not reused"
+    assert cached_counts[2] == (len(ids) - 1) // BS * BS, "the same pixels: every full block but the last"
+    want = [uncached.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in (first, other)]
+    assert outs == [want[0], want[1], want[0]]
+    assert outs[0] != outs[1], "the pixels matter here, or this test would hold with images ignored"
