@@ -161,3 +161,58 @@ def test_long_prompt_prefills_in_chunks_beside_a_decoding_stream(server):
         decoding.stop.set()
         decoding.join(timeout=60)
     server.wait_idle("limits")
+
+
+@pytest.mark.slow  # its own application of two engine replicas
+def test_conversations_stay_on_their_replicas_while_fresh_prompts_spread(server):
+    """Two conversations started together land on the two replicas (the burst is counted as it is
+    routed); each later turn goes back to its conversation's replica, whose prefix cache gives the
+    earlier turns (`cached_tokens`), although the reports would let either replica take it; fresh
+    prompts sent together still spread over both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.wait_idle("routing")
+    actors = engine_replicas(server.app("routing").app_name)
+    wait_reports_sent(actors)
+    url = server.url("/v1/completions", "routing")
+
+    def send(prompt: list[int]) -> dict:
+        return openai_check.body(httpx.post(url, headers=server.headers, timeout=120, json={
+            "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}))
+
+    def served_by(prompt: list[int]) -> tuple[str, dict]:
+        before = reports(actors)
+        body = send(prompt)
+        after = reports(actors)
+        (replica,) = [r for r in after if after[r]["requests"] > before[r]["requests"]]
+        return replica, body
+
+    talks = {"x": [1] + list(range(4000, 4100)), "y": [1] + list(range(4200, 4300))}
+    base = reports(actors)
+    with ThreadPoolExecutor(2) as pool:
+        firsts = dict(zip(talks, pool.map(send, talks.values()), strict=True))
+    now = reports(actors)
+    assert sorted(now[r]["requests"] - base[r]["requests"] for r in now) == [1, 1], "the first turns spread"
+    home: dict[str, str] = {}
+    last = firsts
+    for turn in range(2, 6):
+        for name in talks:  # the answer, then the next message
+            answer = last[name]["choices"][0]["token_ids"]
+            talks[name] = talks[name] + answer + list(range(5000 + 100 * turn, 5000 + 100 * turn + 20))
+        last = {}
+        for name, prompt in talks.items():
+            replica, last[name] = served_by(prompt)
+            home.setdefault(name, replica)
+            assert replica == home[name], f"turn {turn} of conversation {name} left its replica"
+            cached = last[name]["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= (len(prompt) - 40) // 16 * 16, f"turn {turn} of {name}: {cached} cached tokens"
+    assert home["x"] != home["y"]
+
+    server.wait_idle("routing")
+    base = reports(actors)
+    fresh = [[1] + list(range(6000 + 200 * i, 6000 + 200 * i + 100)) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(send, fresh))
+    now = reports(actors)
+    assert all(now[r]["requests"] - base[r]["requests"] >= 2 for r in now), (base, now)
+    server.wait_idle("routing")
