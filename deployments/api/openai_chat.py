@@ -111,7 +111,8 @@ class ChatJob(Job):
             parser = self.parsers[i]
             delta = parser.feed(out.token_ids, len(out.text), out.finished)
             lps = out.logprobs or ()
-            if delta or lps:
+            # Token ids whose text the parser holds back (or that make none) still go out with it.
+            if delta or lps or (self.body.return_token_ids and out.token_ids):
                 choice: dict[str, Any] = {"index": i, "delta": _delta_json(delta), "finish_reason": None,
                                           "logprobs": chat_logprobs(self.tokens, lps) if self.body.logprobs
                                           else None}

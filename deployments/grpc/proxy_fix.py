@@ -19,6 +19,9 @@ replica, so the proxy adds `x-moe-cluster-deadline` (the deadline as Unix second
 it sends, and `forwarded_deadline` reads it back in the ingress, which then counts a call that
 ended at its deadline as such (`ray_moe_cluster_requests_finished_total{reason="deadline"}`)
 rather than as a client cancel.
+
+And it answers a call whose ingress replica died with a retryable 503 / UNAVAILABLE
+(`proxy_replica_lost.py`), for HTTP too: the hook runs in the process of both proxies.
 """
 
 from __future__ import annotations

@@ -126,3 +126,18 @@ def test_retries_exhausted_is_a_503(served) -> None:
     assert r.json()["error"]["type"] == "service_unavailable"
     assert handle.calls == RETRIES_BEFORE_OUTPUT + 1
     _idle(handle)
+
+
+def test_a_chat_streams_every_token_id(served) -> None:
+    """What the fault tests compare: a streamed chat's token ids are the whole answer's, including
+    tokens whose text the chat parser holds back or that make none (this prompt has one)."""
+    http, handle = served
+    handle.arm(0, 0)
+    body = {"messages": [{"role": "user", "content": "Request 5: tell me a story about the number 35."}],
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    whole = http.post("/v1/chat/completions", json=body, headers=HEADERS).json()["choices"][0]["token_ids"]
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=HEADERS) as r:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
+    assert len(whole) == 48 and streamed == whole
