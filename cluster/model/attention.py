@@ -24,7 +24,13 @@ __all__ = ["ATTENTION_BACKENDS", "AttentionMetadata", "DecodeBatch", "MLAAttenti
            "make_attention_backend"]
 
 
-ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttention}
+def _triton() -> AttentionBackend:
+    from cluster.model.triton_attention import TritonAttention  # imports triton: only when asked for
+
+    return TritonAttention()
+
+
+ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttention, "triton": _triton}
 
 
 def make_attention_backend(name: str) -> AttentionBackend:

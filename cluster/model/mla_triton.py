@@ -93,15 +93,17 @@ if triton is not None:
 
 
 def mla_decode(query: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-               scale: float, kv_lora_rank: int, num_splits: int | None = None) -> torch.Tensor:
+               scale: float, kv_lora_rank: int, num_splits: int | None = None,
+               longest: int | None = None) -> torch.Tensor:
     """query [B, h, c+r] (absorbed), cache [NB, page, c+r], block_tables [B, W] and context_lens [B]
-    (every length >= 1) -> the attended latents [B, h, c] in the query's dtype."""
+    (every length >= 1) -> the attended latents [B, h, c] in the query's dtype. `longest` is
+    max(context_lens) where the caller knows it (saves a device sync)."""
     if triton is None:
         raise RuntimeError("the triton attention backend needs the `triton` package")
     b, heads, width = query.shape
     rope = width - kv_lora_rank
     page = cache.shape[1]
-    longest = int(context_lens.max())
+    longest = int(context_lens.max()) if longest is None else longest
     if num_splits is None:  # enough programs to fill the device at small batches, none empty
         num_splits = max(1, min(math.ceil(longest / 256), 64 // max(b, 1) or 1))
     tokens_per_split = math.ceil(math.ceil(longest / num_splits) / BLOCK_N) * BLOCK_N

@@ -60,3 +60,41 @@ def test_kernel_in_bfloat16_stays_within_bf16_noise(kernel: ModuleType) -> None:
     assert got.dtype == torch.bfloat16
     want = _reference(query.bfloat16().float(), cache.bfloat16().float(), tables, lens, 0.07, 256)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_backend_in_mla_matches_expanded_attention(kernel: ModuleType) -> None:
+    """The `triton` backend inside MLA (decodes through the kernel, chunks through torch) against
+    expanded-K/V causal SDPA, over steps that mix chunks and decodes on out-of-order pages."""
+    from cluster.model.attention import MLAAttention, make_attention_backend
+    from cluster.model.config import parse_text_config
+    from cluster.model.layers import Rope
+    from cluster.model.triton_attention import TritonAttention
+    from cluster.testing.presets import get_preset
+    from tests.unit.test_attention_backends import _seqs, reference, run_steps
+
+    text = parse_text_config(get_preset("tiny").text)
+    backend = make_attention_backend("triton")
+    assert isinstance(backend, TritonAttention)
+    torch.manual_seed(0)
+    layer = MLAAttention(text, Rope(text), backend)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
+    layer = layer.eval().requires_grad_(False)
+    seqs = _seqs(text, [71, 11, 3], seed=5)
+    steps = [[(0, 40), (1, 9), (2, 1)], [(2, 1), (0, 30), (1, 1)], [(0, 1), (1, 1), (2, 1)]]
+    calls: list[int] = []
+    real = kernel.mla_decode
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    kernel.mla_decode = counting
+    try:
+        got = run_steps(layer, seqs, steps)
+    finally:
+        kernel.mla_decode = real
+    assert len(calls) == 3  # each step's decodes went through the kernel
+    for s, out in zip(seqs, got, strict=True):
+        torch.testing.assert_close(out, reference(layer, s.x[:s.done]), rtol=1e-4, atol=1e-5)
