@@ -26,7 +26,7 @@ def build_app(config: AppConfig) -> Application:
         **replica_options(config, "engine"),  # fixed, or autoscaled on KV use + waiting queue (config.autoscaling)
         max_ongoing_requests=config.engine_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus},
-        health_check_period_s=10, graceful_shutdown_timeout_s=10,
+        health_check_period_s=10, graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         **request_router_options(config.routing),  # KV-aware request routing (deployments.serving.request_router)
         **expert_registry_options(config),  # transport ray: the shared expert registry, the deployment's own actor
     ).bind(config)
@@ -36,7 +36,7 @@ def build_app(config: AppConfig) -> Application:
         max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        graceful_shutdown_timeout_s=10,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
     )
     return ingress.bind(engine, config, vision_deployment(config))
 

@@ -108,6 +108,9 @@ class AppConfig(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="requests Serve queues before an ingress replica; "
                                                             "-1: unbounded")
     retry_after_s: PositiveInt = 1
+    graceful_shutdown_timeout_s: PositiveFloat = Field(
+        30.0, description="how long requests in flight may run on when a replica stops (a redeploy, a downscale) or "
+                          "`moe-cluster serve` gets SIGTERM (new requests then get 503 / UNAVAILABLE)")
     request_timeout_s: PositiveFloat | None = Field(None, description="end-to-end limit set on Serve's proxies")
     max_tokens: PositiveInt = Field(4096, description="largest max_tokens a request may ask for")
     default_completion_tokens: PositiveInt = Field(16, description="/v1/completions max_tokens when unset")

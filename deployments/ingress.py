@@ -8,6 +8,7 @@ from ray import serve
 
 from deployments.api.http_app import create_http_app
 from deployments.config import AppConfig
+from deployments.frontend.drain import DrainWatch
 from deployments.frontend.ingress_core import IngressCore
 from deployments.grpc.service import GrpcMethods
 
@@ -17,6 +18,15 @@ class Ingress(GrpcMethods):
     def __init__(self, engine: object, config: AppConfig, vision: object | None = None) -> None:
         self.config = config
         self.core = IngressCore(engine, config, vision)
+        admission = self.core.admission
+        # A graceful stop of `moe-cluster serve` (SIGTERM) tells this replica to refuse new requests.
+        self._drain = DrainWatch(config.app_name, serve.get_replica_context().replica_id.unique_id,
+                                 lambda: admission.in_flight, admission.drain)
+
+    def __del__(self) -> None:
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.stop()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(lambda: self.core, self.config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from deployments.errors import BadRequest, Overloaded
+from deployments.errors import BadRequest, Overloaded, Unavailable
 
 
 class Admission:
@@ -14,16 +14,24 @@ class Admission:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.draining = False  # set once by a graceful stop (deployments/frontend/drain.py), never cleared
 
     def enter(self) -> Ticket:
-        """Admits one request or raises Overloaded; the caller must release the ticket exactly once
-        (it is idempotent, so finally-blocks on several paths may all call it)."""
+        """Admits one request or raises Overloaded (full) or Unavailable (draining); the caller must
+        release the ticket exactly once (it is idempotent, so finally-blocks on several paths may
+        all call it)."""
+        if self.draining:
+            raise Unavailable("this server is shutting down; retry the request", retry_after_s=self.retry_after_s)
         # Single-threaded event loop: no await between the check and the increment.
         if self.in_flight >= self.limit:
             raise Overloaded(f"too many requests in flight ({self.limit}); retry later",
                              retry_after_s=self.retry_after_s)
         self.in_flight += 1
         return Ticket(self)
+
+    def drain(self) -> None:
+        """From now on every request is refused with Unavailable (a graceful stop)."""
+        self.draining = True
 
 
 class Ticket:
