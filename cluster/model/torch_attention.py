@@ -21,6 +21,7 @@ from cluster.model.attention_backend import AttentionBackend, DecodeBatch, SeqSp
 
 SCORE_BYTES = 64 * 2**20  # fp32 prefill scores held at once (a row block of queries x the context)
 PARTITION_TOKENS = 512  # decode context per partition (rounded to whole blocks)
+PADDING_TOLERATED = 1.5  # decode pads to the longest context while that costs at most this x the sum
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,23 @@ class DecodePlan:
     owner: torch.Tensor | None  # [N] the batch row of each partition
     blocks: torch.Tensor  # [N, k] cache blocks of each partition, in context order
     valid: torch.Tensor  # [N, 1, k * block_size] bool, False past the sequence's length
+    cell: torch.Tensor | None  # [N] owner * most partitions + partition index: a dense [B, P] layout
+    members: torch.Tensor | None  # [B, N] fp32 one-hot: sums over each sequence's partitions as a product
+    most: int  # P, the most partitions of one sequence
 
 
 def plan_decode(batch: DecodeBatch, block_size: int) -> DecodePlan:
     """Partitions of `PARTITION_TOKENS` (whole blocks); one per sequence, as wide as the longest
-    context, when every context fits one."""
+    context, when every context fits one or padding them all to the longest costs little."""
     lens, tables = batch.context_lens, batch.block_tables  # [B], [B, W]
     b = lens.shape[0]
     longest_blocks = -(-batch.longest // block_size)
     per_part = max(1, PARTITION_TOKENS // block_size)
-    if longest_blocks <= per_part:
+    padded = b * longest_blocks * block_size
+    if longest_blocks <= per_part or padded <= PADDING_TOLERATED * int(lens.sum()):
         span = torch.arange(longest_blocks * block_size, device=lens.device)
-        return DecodePlan(None, tables[:, :longest_blocks], (span[None, :] < lens[:, None])[:, None, :])
+        return DecodePlan(None, tables[:, :longest_blocks], (span[None, :] < lens[:, None])[:, None, :], None, None,
+                          1)
     width = per_part * block_size
     parts = (lens + width - 1) // width  # [B] partitions of each sequence
     max_parts = -(-longest_blocks // per_part)
@@ -52,7 +58,9 @@ def plan_decode(batch: DecodeBatch, block_size: int) -> DecodePlan:
     first = torch.cumsum(parts, 0) - parts  # [B] first partition of each sequence
     index = torch.arange(owner.shape[0], device=lens.device) - first[owner]  # [N] partition within its sequence
     offsets = index[:, None] * width + torch.arange(width, device=lens.device)  # [N, width]
-    return DecodePlan(owner, tables[owner, index], (offsets < lens[owner][:, None])[:, None, :])
+    members = (owner[None, :] == torch.arange(b, device=lens.device)[:, None]).float()  # [B, N]
+    return DecodePlan(owner, tables[owner, index], (offsets < lens[owner][:, None])[:, None, :],
+                      owner * max_parts + index, members, max_parts)
 
 
 class TorchAttention(AttentionBackend):
@@ -94,18 +102,21 @@ class TorchAttention(AttentionBackend):
         if plan.owner is None:
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
             return torch.bmm(probs, values)  # [B, h, c]
+        # Scatters with accumulation are serial on CPUs: the per-sequence maximum goes through a dense
+        # [B, P] layout and the per-sequence sums are one product with the membership matrix.
         b, heads = query.shape[:2]
-        peak = scores.amax(dim=-1).float()  # [N, h]; every partition holds a valid token
-        weights = (scores.float() - peak[..., None]).exp()  # [N, h, P]
+        assert plan.cell is not None and plan.members is not None
+        scores = scores.float()
+        peak = scores.amax(dim=-1)  # [N, h]; every partition holds a valid token
+        weights = scores.sub_(peak[..., None]).exp_()  # [N, h, P]
         partial = torch.bmm(weights.to(query.dtype), values).float()  # [N, h, c]
-        owner = plan.owner
-        top = torch.full((b, heads), float("-inf"), device=query.device).scatter_reduce(
-            0, owner[:, None].expand(-1, heads), peak, "amax")  # [B, h]
-        rescale = (peak - top[owner]).exp()  # [N, h]
-        total = torch.zeros(b, heads, device=query.device).index_add_(0, owner, weights.sum(-1) * rescale)
-        summed = torch.zeros(b, heads, kv_lora_rank, device=query.device).index_add_(
-            0, owner, partial * rescale[..., None])  # [B, h, c]
-        return (summed / total[..., None]).to(query.dtype)
+        dense = torch.full((b * plan.most, heads), float("-inf"), device=query.device)
+        dense[plan.cell] = peak
+        top = dense.view(b, -1, heads).amax(dim=1)  # [B, h]
+        rescale = (peak - top[plan.owner]).exp()  # [N, h]
+        total = plan.members @ (weights.sum(-1) * rescale)  # [B, h]
+        summed = plan.members @ (partial * rescale[..., None]).view(-1, heads * kv_lora_rank)  # [B, h*c]
+        return (summed.view(b, heads, kv_lora_rank) / total[..., None]).to(query.dtype)
 
     def _plan_of(self, batch: DecodeBatch, block_size: int) -> DecodePlan:
         if self._plan is None or self._plan[0] is not batch:

@@ -165,6 +165,15 @@ def test_short_contexts_take_one_padded_partition() -> None:
     assert plan.valid.sum(-1).flatten().tolist() == [3, 9]
 
 
+def test_equal_contexts_are_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to save by splitting when padding to the longest costs little."""
+    monkeypatch.setattr(torch_attention, "PARTITION_TOKENS", 8)
+    lens = torch.tensor([40, 37])
+    tables = torch.arange(20).view(2, 10)
+    plan = plan_decode(DecodeBatch(torch.arange(2), tables, lens, 40), block_size=4)
+    assert plan.owner is None and plan.blocks.shape == (2, 10)
+
+
 def test_unknown_backend_is_refused() -> None:
     assert isinstance(make_attention_backend("torch"), TorchAttention)
     with pytest.raises(ConfigError, match="unknown attention backend 'nope'"):
