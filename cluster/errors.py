@@ -54,5 +54,14 @@ class DuplicateRequestError(RequestError):
     """A request id that is already running."""
 
 
+class InvalidGrammarError(RequestError):
+    """A response format, tool schema or grammar the structured-output library cannot take;
+    `field` names the part of the request."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+
+
 class ScriptError(ClusterError):
     """A `--script` that no bigram automaton can emit (a token with two successors)."""

@@ -255,15 +255,12 @@ class LLMEngine:
 
     def _grammars(self) -> GrammarCompiler:
         """The grammar compiler over this model's tokenizer, made on the first request with a
-        grammar (mapping the vocabulary takes seconds; `warm_grammars` does it ahead)."""
+        grammar (mapping the vocabulary takes seconds, once per process)."""
         if self._grammar_compiler is None:
             if self.stop.tokenizer is None:
                 raise InvalidGrammarError("grammar", "this model directory has no tokenizer to compile grammars over")
             self._grammar_compiler = GrammarCompiler.for_tokenizer(self.stop.tokenizer)
         return self._grammar_compiler
-
-    def warm_grammars(self) -> None:
-        self._grammars()
 
     def _fork(self, parent: Sequence) -> None:
         """Starts the choices waiting for `parent`'s prompt: each shares the prompt's full blocks

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.block_manager import blocks_needed
+from cluster.engine.grammar_mask import mask_logits
 from cluster.engine.logit_adjustments import adjust_logits, record
 from cluster.engine.sampler import logprobs, sample
 from cluster.engine.sampling_params import SamplingParams
@@ -98,6 +99,7 @@ class ModelRunner:
             logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0)  # [S, V]
         flat = [seq for group in samples for seq in group]
         adjusted = adjust_logits(logits, flat, self.eos_ids)  # [S, V]: bias, penalties, min_tokens
+        adjusted = mask_logits(adjusted, [s.grammar for s in flat], inplace=adjusted is not logits)  # [S, V]
         tokens = sample(adjusted, [s.params for s in flat], [s.generator for s in flat])
         lps = logprobs(logits, tokens, [s.params.logprobs for s in flat])  # of the model's own distribution
         chosen = tokens.tolist()

@@ -200,6 +200,11 @@ class Tokenizer:
         return Tokenizer.from_model_dir, (self.model_dir,)
 
     @property
+    def mistral(self) -> MistralTokenizer:
+        """mistral-common's tokenizer (what its grammar factory is built from)."""
+        return self._mistral
+
+    @property
     def vocab_size(self) -> int:
         return self._tekken.n_words
 
