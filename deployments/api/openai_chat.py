@@ -167,6 +167,13 @@ async def start_chat(core: IngressCore, body: ChatCompletionRequest) -> ChatJob:
     params = core.sampling_params(body, max_tokens, logprobs)
     if forced and not body.parallel_tool_calls:  # the one call is under way: a second [TOOL_CALLS] ends it
         params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, forced[0]))
+    choice = body.tool_choice
+    grammar = await core.grammar(lambda grammars: grammars.for_chat(
+        body.response_format, body.tools, choice if isinstance(choice, str) else None,
+        choice.function.name if isinstance(choice, NamedToolChoice) else None, body.parallel_tool_calls,
+        body.reasoning_effort not in (None, "none"), forced))
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     images = await core.embed_images(prompt, encoded.images)  # the VisionEncoder deployment, batched
     rid, streams = await core.start("chatcmpl", [prompt], params, body.n, images, "messages", body.cache_salt)
     return ChatJob(core, body, rid, streams, prompt, info.name, forced)

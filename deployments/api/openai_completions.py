@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -143,5 +144,8 @@ async def start_completion(core: IngressCore, body: CompletionRequest) -> Comple
     max_tokens = core.max_tokens(body.max_tokens, [len(p) for p in prompts], info,
                                  core.config.default_completion_tokens)
     params = core.sampling_params(body, max_tokens, body.logprobs)
+    grammar = await core.grammar(lambda grammars: grammars.for_completion(body.response_format))
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     rid, streams = await core.start("cmpl", prompts, params, body.n, cache_salt=body.cache_salt)
     return CompletionJob(core, body, rid, streams, prompts, info.name)

@@ -75,6 +75,9 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     return_token_ids: bool = False
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked, and made a
+    # grammar, by cluster.engine.response_grammar (400s name the part)
+    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -95,14 +98,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # as CompletionRequest's
     return_token_ids: bool = False
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise BadRequest("response_format other than text is not supported (no constrained decoding)",
-                             "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from cluster.engine.grammar import Grammar
+from cluster.engine.response_grammar import ResponseGrammars
 from cluster.engine.sampling_params import SamplingParams
-from cluster.errors import RequestError
+from cluster.errors import InvalidGrammarError, RequestError
 from cluster.model.config import load_model_config
 from cluster.model.image_rows import ImageRows
 from cluster.model.tokenizer import EncodedChat, InvalidChatRequestError, Tokenizer
@@ -40,6 +42,7 @@ class IngressCore:
         self.images = ImagePipeline(config.images, VisionMetrics())
         self.vision = VisionClient(vision, config.vision.timeout_s)
         self.image_token_id = load_model_config(self.model_dir).image_token_id
+        self.grammars = ResponseGrammars(self.tokenizer)
         self._info: ModelInfo | None = None
 
     # -- readiness ---------------------------------------------------------------------------
@@ -144,6 +147,15 @@ class IngressCore:
                 logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()))
         except RequestError as exc:
             raise request_error(exc) from None
+
+    async def grammar(self, build: Callable[[ResponseGrammars], Grammar | None]) -> Grammar | None:
+        """The grammar a request's answer must match (structured output), made and checked off the
+        event loop (the first one builds the grammar factory: seconds); a refusal is a 400 naming
+        the part of the request."""
+        try:
+            return await asyncio.to_thread(build, self.grammars)
+        except InvalidGrammarError as exc:
+            raise BadRequest(str(exc), exc.field) from None
 
     def check_n(self, n: int, prompts: int) -> None:
         if n * prompts > self.config.max_n:

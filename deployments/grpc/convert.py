@@ -4,6 +4,7 @@ become whole or streamed responses."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -48,13 +49,54 @@ def completion_body(req: pb.GenerateRequest) -> CompletionRequest:
         raise BadRequest("prompt is required: set text or token_ids", "prompt")
     prompt = req.text if kind == "text" else list(req.token_ids.ids)
     return _validate(CompletionRequest, {"model": req.model, "prompt": prompt, **_sampling(req.sampling),
-                                         "cache_salt": req.cache_salt or None})
+                                         "cache_salt": req.cache_salt or None,
+                                         "response_format": _response_format(req)})
+
+
+def _response_format(req: pb.GenerateRequest | pb.ChatRequest) -> dict[str, Any] | None:
+    """The HTTP API's `response_format` (None when unset)."""
+    if not req.HasField("response_format"):
+        return None
+    rf = req.response_format
+    out: dict[str, Any] = {"type": rf.type or "text"}
+    if rf.HasField("json_schema"):
+        js = rf.json_schema
+        try:
+            schema = json.loads(js.schema_json) if js.schema_json else None
+        except ValueError as exc:
+            raise BadRequest(f"response_format.json_schema.schema_json is not valid JSON: {exc}",
+                             "response_format.json_schema.schema_json") from None
+        out["json_schema"] = {"name": js.name, "schema": schema, "strict": js.strict,
+                              **({"description": js.description} if js.description else {})}
+    return out
+
+
+def _content(m: pb.ChatMessage, i: int) -> str | list[dict[str, Any]] | None:
+    """A message's content: its string, or its parts as the HTTP API's content parts (images as
+    `image` parts of base64 bytes or `image_url` parts, checked as HTTP images are)."""
+    if not m.parts:
+        return m.content or (None if m.tool_calls else "")
+    if m.content:
+        raise BadRequest(f"messages[{i}]: give content or parts, not both", f"messages[{i}].content")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(m.parts):
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            parts.append({"type": "text", "text": part.text})
+        elif kind == "image" and part.image.WhichOneof("source") == "data":
+            parts.append({"type": "image", "image": base64.b64encode(part.image.data).decode("ascii")})
+        elif kind == "image" and part.image.WhichOneof("source") == "url":
+            parts.append({"type": "image_url", "image_url": {"url": part.image.url}})
+        else:
+            raise BadRequest(f"messages[{i}].parts[{j}] is empty: set text or an image's data or url",
+                             f"messages[{i}].parts[{j}]")
+    return parts
 
 
 def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
-    messages = []
+    messages: list[dict[str, Any]] = []
     for m in req.messages:
-        msg: dict[str, Any] = {"role": m.role, "content": m.content or (None if m.tool_calls else "")}
+        msg: dict[str, Any] = {"role": m.role, "content": _content(m, len(messages))}
         if m.tool_calls:
             msg["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
@@ -82,6 +124,8 @@ def chat_body(req: pb.ChatRequest) -> ChatCompletionRequest:
         data["reasoning_effort"] = req.reasoning_effort
     if req.HasField("parallel_tool_calls"):
         data["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.HasField("response_format"):
+        data["response_format"] = _response_format(req)
     return _validate(ChatCompletionRequest, data)
 
 
