@@ -10,10 +10,11 @@ by exponentially weighted least squares (recent steps count most; a small ridge 
 defined before the data tells the terms apart). The scheduler places the decodes first, then
 asks how many prefill tokens fit the time left.
 
-Two guards keep a wrong model from hurting the streams: a step's prefill grows to at most twice
-the largest prefill that a measured step already carried within its target, so an untried size is
-approached by doubling; and every step still carries at least `min_tokens` of prefill so a long
-prompt always advances.
+Two guards keep a wrong model from hurting the streams, and the streams from stalling a prompt:
+a step's prefill is at most twice the largest prefill of a measured step, so the model never
+extrapolates far and an untried size is approached by doubling; and every step still carries at
+least `min_tokens` of prefill, so a long prompt advances even when the decodes alone exceed the
+target.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class StepBudget:
         self._gram = torch.eye(n, dtype=torch.float64) * _RIDGE  # weighted X^T X (ridge included)
         self._moment = torch.zeros(n, dtype=torch.float64)  # weighted X^T y
         self._coef = torch.zeros(n, dtype=torch.float64)
-        self.proven_tokens = 0  # the largest prefill a step carried within its target
+        self.seen_tokens = 0  # the largest prefill a measured step carried
         self.steps = 0
 
     # -- fed by the engine ---------------------------------------------------------------------
@@ -65,8 +66,7 @@ class StepBudget:
         self._moment = self._moment * _DECAY + x * ms
         self._coef = torch.linalg.solve(self._gram, self._moment)
         self.steps += 1
-        if ms <= self.target_ms:
-            self.proven_tokens = max(self.proven_tokens, shape.prefill_tokens)
+        self.seen_tokens = max(self.seen_tokens, shape.prefill_tokens)
 
     # -- asked by the scheduler ----------------------------------------------------------------
 
@@ -82,8 +82,8 @@ class StepBudget:
                 + max(per_work, 0.0) * shape.attention_work)
 
     def cap(self) -> int:
-        """The most prefill tokens any step may take before a larger one was seen within target."""
-        return max(self.min_tokens, 2 * self.proven_tokens)
+        """The most prefill tokens a step may take: twice the largest the model has seen measured."""
+        return max(self.min_tokens, 2 * self.seen_tokens)
 
     def prefill_tokens(self, decodes: int, chunks: list[tuple[int, int]], context: int, limit: int) -> int:
         """Tokens a prefill at `context` may take this step, beside `decodes` decodes and the

@@ -113,7 +113,7 @@ def test_the_attention_term_shrinks_chunks_as_the_context_grows() -> None:
         budget.observe(StepShape(0, chunk, work), 10.0 + 0.1 * chunk + 0.01 * work)
     early, late = budget.prefill_tokens(0, [], 1000, 4096), budget.prefill_tokens(0, [], 60_000, 4096)
     # 90 ms left: n (0.1 + 0.01 (context + n/2) / 1024) = 90 -> 790 at context 1000 (capped at 512,
-    # twice the 256 seen within target), 130 at 60,000.
+    # twice the largest chunk seen), 130 at 60,000.
     assert early == 512 and 126 <= late <= 131
 
 
