@@ -156,6 +156,13 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # -- the client ------------------------------------------------------------------------------------
 
 
@@ -213,7 +220,7 @@ def run(args: argparse.Namespace, ckpt: Path, workdir: Path) -> dict:
         _progress(f"moe-cluster serve up on HTTP {http_port}")
         max_model_len = get_json(http_port, "/v1/models")["data"][0]["max_model_len"]
         pid = server.engine_pid()
-        idle = memory_kib(pid)
+        idle, cpu0 = memory_kib(pid), cpu_seconds(pid)
         prompt = fixed_request(args.seed, args.prompt_len, 1, TOKEN_RANGE).prompt
         stream = Stream(time.perf_counter())
         client = threading.Thread(target=stream_completion, args=(http_port, prompt, args.max_tokens, stream))
@@ -225,7 +232,7 @@ def run(args: argparse.Namespace, ckpt: Path, workdir: Path) -> dict:
             # answers while the answer streams: the whole request's blocks are held only then
             client.join(timeout=args.poll_s if not stream.stamps else 0.0)
         after = get_json(http_port, "/v1/engine/stats")
-        memory = memory_kib(pid)
+        memory, cpu = memory_kib(pid), cpu_seconds(pid) - cpu0
     finally:
         rc = server.stop()
     if stream.error or len(stream.token_ids) != args.max_tokens:
@@ -234,8 +241,8 @@ def run(args: argparse.Namespace, ckpt: Path, workdir: Path) -> dict:
     _progress(f"answered: first token after {stream.stamps[0] - stream.sent:.1f} s, {len(stream.token_ids)} tokens")
     logged = [line.strip() for line in server.lines if "max_model_len" in line or "KV pool" in line]
     return {"argv": argv, "config": config, "config_path": str(config_path), "max_model_len": max_model_len,
-            "stream": stream, "polls": polls,
-            "after": after, "idle_kib": idle, "memory_kib": memory, "serve_rc": rc, "logged": logged[:4]}
+            "stream": stream, "polls": polls, "after": after, "idle_kib": idle, "memory_kib": memory,
+            "engine_cpu_s": cpu, "serve_rc": rc, "logged": logged[:4]}
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -280,12 +287,15 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
         f"prompt (token ids), greedy, {args.max_tokens} tokens streamed (`stream: true`). KV blocks: the engine's "
         f"`/v1/engine/stats`, polled every {args.poll_s:g} s through the prefill and back to back while the "
         "answer streamed; memory: the EngineServer "
-        "replica's process (`VmHWM`, its peak resident set; `VmRSS` before the request).",
+        "replica's process (`VmHWM`, its peak resident set; `VmRSS` before the request); engine CPU: that "
+        "process's CPU seconds over the whole request (steadier than wall time on a shared machine).",
         "",
-        "| prompt tokens | max_model_len | TTFT (s) | ITL p50 (ms) | KV blocks used (peak) / pool | block | KV bytes "
+        "| prompt tokens | max_model_len | TTFT (s) | engine CPU (s) | ITL p50 (ms) | KV blocks used (peak) / pool "
+        "| block | KV bytes "
         "/ token | KV of the request | KV pool | engine RSS before | engine peak RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {args.prompt_len:,} | {result['max_model_len']:,} | {ttft:,.1f} | {itl * 1e3:,.1f} | "
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {args.prompt_len:,} | {result['max_model_len']:,} | {ttft:,.1f} | {result['engine_cpu_s']:,.1f} | "
+        f"{itl * 1e3:,.1f} | "
         f"{peak_used:,} / {total:,} | {block} | {per_token} | {peak_used * block * per_token / 2**20:,.1f} MiB | "
         f"{total * block * per_token / 2**20:,.1f} MiB | {idle['VmRSS'] / 1024:,.0f} MiB | "
         f"{mem['VmHWM'] / 1024:,.0f} MiB |",

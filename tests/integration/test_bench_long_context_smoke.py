@@ -28,13 +28,13 @@ def test_long_context_serve_smoke(long_ckpt: Path) -> None:
     rows = [line for line in out.splitlines() if line.startswith("| 16,384 |")]
     assert len(rows) == 1, out
     cells = [c.strip() for c in rows[0].strip().strip("|").split("|")]
-    used, total = (int(x.replace(",", "")) for x in cells[4].split(" / "))
-    block, per_token = int(cells[5]), int(cells[6])
+    used, total = (int(x.replace(",", "")) for x in cells[5].split(" / "))
+    block, per_token = int(cells[6]), int(cells[7])
     # the prompt's blocks at least (a poll after its prefill), the whole request's at most
     assert -(-16_384 // block) <= used <= -(-(16_384 + 64) // block) < total, rows[0]
     assert per_token == (32 + 16) * 4, rows[0]  # (kv_lora_rank + rope) x 1 layer x fp32, by hand
     assert int(cells[1].replace(",", "")) > 16_384 + 64, rows[0]  # max_model_len
-    assert float(cells[2].replace(",", "")) > 0  # time to first token
+    assert float(cells[2].replace(",", "")) > 0 and float(cells[3].replace(",", "")) > 0  # TTFT, engine CPU
     assert float(cells[-1].split()[0].replace(",", "")) > 0  # the engine's peak RSS
     assert "exited 0 on SIGTERM" in out
 
