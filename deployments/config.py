@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 # The gRPC proxy's servicers (Serve's `grpc_options`), for `moe-cluster serve` and written Serve configs.
 GRPC_SERVICER_FUNCTIONS = [
-    "deployments.protos.moe_cluster_pb2_grpc.add_MoeClusterServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "deployments.grpc.registration.add_moe_cluster_to_server",
+    "deployments.grpc.registration.add_health_to_server",
     # Not a service: fixes cancellation of streaming calls in Serve's proxy (see the module).
     "deployments.grpc.proxy_fix.add_stream_cancellation_to_server",
 ]

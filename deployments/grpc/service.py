@@ -29,6 +29,7 @@ from deployments.grpc.convert import (
     unary,
 )
 from deployments.grpc.observe import observe_grpc
+from deployments.grpc.registration import Undecodable
 from deployments.protos import moe_cluster_pb2 as pb
 
 SERVICE_NAME = "moe_cluster.v1.MoeCluster"
@@ -39,6 +40,10 @@ def _fail(ctx: Any, error: APIError) -> None:
     ctx.set_code(error.grpc_code)
     named = error.param is None or error.message.startswith(error.param)
     ctx.set_details(error.message if named else f"{error.param}: {error.message}")
+
+
+def _undecodable(request: Undecodable) -> BadRequest:
+    return BadRequest(f"the request is no {request.message_type} message: {request.reason}", "request")
 
 
 class GrpcMethods:
@@ -52,6 +57,8 @@ class GrpcMethods:
         config = self.core.config
         if not key_matches(dict(ctx.invocation_metadata()).get("authorization"), config.api_keys):
             raise Unauthorized("missing or invalid API key (metadata authorization: Bearer <key>)")
+        if isinstance(request, Undecodable):  # bytes the proxy could not decode (deployments.grpc.registration)
+            raise _undecodable(request)
         size = request.ByteSize()
         if size > config.grpc_max_message_bytes:
             raise BadRequest(f"request is {size} bytes; the limit is {config.grpc_max_message_bytes} "
@@ -142,6 +149,9 @@ class GrpcMethods:
     @observe_grpc
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any  # noqa: N802
                     ) -> health_pb2.HealthCheckResponse:
+        if isinstance(request, Undecodable):
+            _fail(grpc_context, _undecodable(request))
+            return health_pb2.HealthCheckResponse()
         status = await self._health(request.service)
         if status is None:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
@@ -152,6 +162,9 @@ class GrpcMethods:
     @observe_grpc
     async def List(self, request: health_pb2.HealthListRequest, grpc_context: Any  # noqa: N802
                    ) -> health_pb2.HealthListResponse:
+        if isinstance(request, Undecodable):
+            _fail(grpc_context, _undecodable(request))
+            return health_pb2.HealthListResponse()
         status = await self._health("")
         return health_pb2.HealthListResponse(statuses={
             name: health_pb2.HealthCheckResponse(status=status) for name in ("", SERVICE_NAME)})
@@ -159,6 +172,10 @@ class GrpcMethods:
     @observe_grpc
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any  # noqa: N802
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if isinstance(request, Undecodable):
+            error = _undecodable(request)
+            _fail(grpc_context, error)
+            raise error
         last = None
         while True:
             status = await self._health(request.service)

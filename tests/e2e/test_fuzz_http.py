@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ from deployments.api.http_guards import OPEN_PATHS
 from tests import openai_check
 from tests.e2e.support import KEY
 
-EXAMPLES = 40  # per route and mode, with the key
+EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "40"))  # per route and mode, with the key (more: a deeper run)
 UNAUTHED_EXAMPLES = 5  # per route, without the key and with a wrong one
 MAX_TOKENS, MAX_N = 4, 2
 GOOD = {"prompt": "Hi", "max_tokens": 1}
@@ -36,9 +37,14 @@ GOOD = {"prompt": "Hi", "max_tokens": 1}
 VOCAB = 131072
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "additionalProperties": False, "properties": {
+    "type": {"const": "image_url"},
+    "image_url": {"type": "object", "required": ["url"], "additionalProperties": False, "properties": {
+        "url": {"type": "string", "pattern": "^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]{0,120}={0,2}$"}}}}}
 MESSAGE = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
     "role": {"enum": ["system", "user", "assistant"]},
-    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART, "maxItems": 3}]}}}
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [TEXT_PART, IMAGE_PART]},
+                                               "maxItems": 3}]}}}
 TOOL = {"type": "object", "required": ["type", "function"], "properties": {
     "type": {"const": "function"},
     "function": {"type": "object", "required": ["name"], "properties": {
@@ -171,7 +177,7 @@ def test_fuzz_every_route_with_the_key(server, schema, mode):
     for label in ("POST /v1/completions", "POST /v1/chat/completions"):
         assert sum(statuses[label].values()) >= EXAMPLES // 2, statuses  # not cut short by Hypothesis
         if mode is GenerationMode.POSITIVE:  # schema-valid data gets past the parser often enough to generate
-            assert statuses[label][200] >= EXAMPLES // 8, statuses
+            assert statuses[label][200] >= EXAMPLES // 10, statuses
     answers_normally(server)
 
 
