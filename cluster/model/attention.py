@@ -10,6 +10,7 @@ by name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -76,17 +77,36 @@ class MLAAttention(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(kv_pass), k_rot], dim=-1)  # [T, D]
         cache.view(-1, cache.shape[-1])[meta.slot_mapping] = latent
 
-        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [h, nope, c], [h, v, c]
-        query = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_rot], dim=-1)  # [T, h, c+r]
-        query = query * meta.query_scale.to(q.dtype)[:, None, None]
-        scale, rank = self.rope.softmax_scale, self.kv_lora_rank
-        attended = torch.empty(t, self.heads, rank, dtype=x.dtype, device=x.device)  # [T, h, c]
+        q = torch.cat([q_nope, q_rot], dim=-1) * meta.query_scale.to(q.dtype)[:, None, None]  # [T, h, qk]
+        out = torch.empty(t, self.heads, self.v_dim, dtype=x.dtype, device=x.device)  # [T, h, v]
+        rank, scale = self.kv_lora_rank, self.rope.softmax_scale
         if meta.decode is not None:
             rows = meta.decode.rows
-            attended[rows] = self.backend.decode(query[rows], cache, meta.decode, rank, scale)
+            decode = partial(self.backend.decode, cache=cache, batch=meta.decode, kv_lora_rank=rank, scale=scale)
+            out[rows] = self._latent(q[rows], decode)
         for span in meta.spans:
             chunk = slice(span.start, span.start + span.num_new)
-            attended[chunk] = self.backend.prefill(query[chunk], cache, span, rank, scale)
-        out = torch.einsum("thc,hvc->thv", attended, w_uv)  # [T, h, v]
+            if span.context_len == span.num_new:  # a first chunk: nothing cached before it to expand
+                out[chunk] = self._fresh(q[chunk], latent[chunk])
+            else:
+                prefill = partial(self.backend.prefill, cache=cache, span=span, kv_lora_rank=rank, scale=scale)
+                out[chunk] = self._latent(q[chunk], prefill)
         return self.o_proj(out.reshape(t, self.heads * self.v_dim))
+
+    def _latent(self, q: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """q [n, h, qk] -> [n, h, v] through the backend in latent space: W_UK absorbed into the
+        query, W_UV applied to the attended latents."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [h, nope, c], [h, v, c]
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        query = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_rot], dim=-1)  # [n, h, c+r]
+        return torch.einsum("thc,hvc->thv", attend(query), w_uv)  # [n, h, v]
+
+    def _fresh(self, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """q [n, h, qk] of a sequence's first n tokens, their latents [n, c+r] -> [n, h, v]: keys and
+        values expanded per head, which costs less than latent space for a chunk alone."""
+        c, k_rot = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c).view(-1, self.heads, self.nope + self.v_dim)  # [n, h, nope+v]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot[:, None, :].expand(-1, self.heads, -1)], dim=-1)  # [n, h, qk]
+        return self.backend.prefill_fresh(q, k, v, self.rope.softmax_scale)

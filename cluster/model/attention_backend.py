@@ -5,7 +5,9 @@ Everything here is in latent space over the paged cache `[num_blocks, block_size
 (`c = kv_lora_rank` normed latent, then `r = qk_rope_head_dim` rotated rope key): queries arrive
 absorbed (`[n, h, c + r]`: W_UK multiplied into the nope part, then the rotated rope part, the
 softmax scale not yet applied) and a backend returns the attended latents `[n, h, c]`; MLA applies
-W_UV after. Contexts are named by block tables and lengths, so a paged kernel reads them directly.
+W_UV after. The one exception is a sequence's first chunk: with no context before it, expanding its
+own latents per head costs less than latent space, so it comes with keys and values per head.
+Contexts are named by block tables and lengths, so a paged kernel reads them directly.
 """
 
 from __future__ import annotations
@@ -55,10 +57,23 @@ class AttentionBackend(ABC):
     of a model (each call names its layer's cache), so a backend may keep per-step plans keyed by
     the step's (immutable) metadata objects."""
 
+    # Whether `decode` makes no host sync and its launch shapes depend only on the batch size and
+    # `DecodeBatch.longest`, so a CUDA graph can capture it.
+    graph_safe: bool = False
+
     @abstractmethod
     def prefill(self, query: torch.Tensor, cache: torch.Tensor, span: SeqSpan, kv_lora_rank: int,
                 scale: float) -> torch.Tensor:
         """query [n, h, c+r] (the span's rows), cache [NB, BS, c+r] -> latents [n, h, c]."""
+
+    def prefill_fresh(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """A sequence's first chunk, nothing cached before it: causal attention over its own keys and
+        values, expanded per head (query, key [n, h, qk], value [n, h, v]) -> [n, h, v]. SDPA unless
+        a backend has better."""
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=scale)
+        return out.transpose(0, 1)
 
     @abstractmethod
     def decode(self, query: torch.Tensor, cache: torch.Tensor, batch: DecodeBatch, kv_lora_rank: int,

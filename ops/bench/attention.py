@@ -5,7 +5,8 @@ Before: each prefill chunk re-expanded the whole context's latents into per-head
 (kv_b_proj) and ran SDPA under an explicit [chunk, context] mask; decode padded every sequence to
 the batch's longest context. After: `cluster.model.torch_attention.TorchAttention`, queries absorbed
 (W_UK) and outputs un-absorbed (W_UV) as MLA does. Both sides take the same rotated queries and the
-same paged latent cache (pages out of order) and return per-head outputs [n, h, v]; their largest
+same paged latent cache (pages out of order) and return per-head outputs [n, h, v] (a first chunk,
+context = chunk, takes the backend's `prefill_fresh` as MLA does); their largest
 difference is reported beside the times. What the runner built once per step (the old slot lists and
 masks) is left out of the before side's time; the after side's decode plan is counted in. Sides
 alternate, and each cell is the median of `--reps`.
@@ -152,7 +153,14 @@ def decode_before(layer: Layer, q: torch.Tensor, slots: torch.Tensor, valid: tor
 
 
 def prefill_after(layer: Layer, q: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    span = SeqSpan(0, q.shape[0], length, table)
+    d, n = layer.dims, q.shape[0]
+    if length == n:  # a first chunk: its own latents expanded per head, as MLAAttention does
+        own = layer.cache.view(-1, layer.cache.shape[-1])[slots_of(table, n)]  # [n, c+r]
+        c, kr = own.split([d.kv_lora_rank, d.rope], dim=-1)
+        k_nope, v = F.linear(c, layer.w_kv).view(n, d.heads, d.nope + d.v).split([d.nope, d.v], dim=-1)
+        k = torch.cat([k_nope, kr[:, None, :].expand(-1, d.heads, -1)], dim=-1)  # [n, h, qk]
+        return layer.backend.prefill_fresh(q, k, v, layer.scale)
+    span = SeqSpan(0, n, length, table)
     return layer.unabsorb(layer.backend.prefill(layer.absorb(q), layer.cache, span, layer.dims.kv_lora_rank,
                                                 layer.scale))
 
