@@ -107,26 +107,28 @@ class KVScoreboard(Generic[ReplicaKey]):
 
     def rank(self, replicas: Iterable[ReplicaKey], keys: Sequence[bytes] = (), tokens: int = 0
              ) -> list[list[ReplicaKey]]:
-        """Fresh replicas one per rank, most free blocks first (ties: fewer sequences, then random),
-        but the replica sent the longest prefix of the prompt's block `keys` first (`prefix_choice`);
-        the others together in a last rank."""
+        """Fresh replicas one per rank, most free blocks first (ties: fewer sequences, then random);
+        the others together in a last rank. Before all of them, in a rank of its own, the replica
+        sent the longest prefix of the prompt's block `keys` (`prefix_choice`), judged by its last
+        report even when that is stale: a late report must not break a conversation's affinity."""
         known: list[ReplicaKey] = []
         unknown: list[ReplicaKey] = []
         for r in replicas:
             (known if self.fresh(r) else unknown).append(r)
         random.shuffle(known)
         known.sort(key=lambda r: (-self.score(r), self.load(r)))
-        first = self.prefix_choice(known, keys, tokens) if keys else None
+        reported = known + [r for r in unknown if self._replicas[r].seq is not None]
+        first = self.prefix_choice(reported, keys, tokens) if keys else None
         if first is not None:
-            known.remove(first)
-            known.insert(0, first)
-        ranks = [[r] for r in known]
+            (known if first in known else unknown).remove(first)
+        ranks = [[first]] if first is not None else []
+        ranks += [[r] for r in known]
         if unknown:
             ranks.append(unknown)
         return ranks
 
     def prefix_choice(self, ranked: list[ReplicaKey], keys: Sequence[bytes], tokens: int) -> ReplicaKey | None:
-        """Of the `ranked` fresh replicas (KV order), the one sent the longest prefix of `keys` that
+        """Of the `ranked` replicas (KV order), the one sent the longest prefix of `keys` that
         has room for the rest of the prompt and at most `max_imbalance` more requests than the
         least busy; None when no such replica was sent even the first block."""
         if not ranked:
