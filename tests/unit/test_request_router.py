@@ -143,10 +143,13 @@ def test_a_burst_is_counted_as_it_is_chosen():
     chosen_a = next(p for p, r in zip(pending, firsts, strict=True) if r is a)
     router.on_request_routed(chosen_a, b.replica_id, None)
     assert (router.board.score(a.replica_id), router.board.score(b.replica_id)) == (96, 92)
-    # stats calls are Serve's choice and count nothing
+    # stats calls are Serve's choice (one rank, shuffled: equals are not always the first) and count nothing
     stats_call = _Pending(5)
     stats_call.metadata = type("M", (), {"call_method": "stats"})()
-    assert asyncio.run(router.choose_replicas([a, b], stats_call)) == [[a, b]]
+    ranks = [asyncio.run(router.choose_replicas([a, b], stats_call)) for _ in range(40)]
+    assert all(len(r) == 1 and sorted(x.replica_id.unique_id for x in r[0]) == ["a", "b"] for r in ranks)
+    assert {r[0][0].replica_id.unique_id for r in ranks} == {"a", "b"}
+    assert (router.board.score(a.replica_id), router.board.score(b.replica_id)) == (96, 92)
 
 
 # -- prefix-aware ------------------------------------------------------------------------------
@@ -234,3 +237,17 @@ def test_prefix_memory_forgets_the_oldest_past_the_pool_and_gone_replicas():
     assert memory.matched("a", first) == 2, "the oldest prompt's later blocks went first; its prefix stays"
     memory.forget(["b"])
     assert memory.size("a") == 0
+
+
+def test_a_late_report_does_not_break_a_conversations_affinity():
+    clock = Clock()
+    board = KVScoreboard(stale_after_s=3.0, clock=clock)
+    board.observe("a", report(1, 300, clock.now))
+    board.observe("b", report(1, 300, clock.now))
+    keys = block_keys([1] + list(range(100, 163)), 16)
+    board.sent("a", keys)
+    clock.now += 5.0  # a's report is late; b's is fresh
+    board.observe("b", report(2, 300, clock.now))
+    assert not board.fresh("a")
+    assert board.rank(["a", "b"], keys, 70)[0] == ["a"]
+    assert board.rank(["a", "b"], block_keys(list(range(5000, 5070)), 16), 70) == [["b"], ["a"]]
