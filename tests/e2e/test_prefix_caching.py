@@ -57,3 +57,23 @@ def test_cache_salt_keeps_tenants_apart(server):
     same = c.chat.completions.create(**ask, extra_body={"cache_salt": "tenant-a"})
     assert same.usage.prompt_tokens_details.cached_tokens == (same.usage.prompt_tokens - 1) // BS * BS
     server.wait_idle("main")
+
+
+def test_grpc_usage_reports_cached_tokens_and_takes_a_salt(server):
+    from deployments.protos import moe_cluster_pb2 as pb
+    from deployments.protos import moe_cluster_pb2_grpc as pb_grpc
+
+    server.wait_idle("main")
+    prompt = [1] + [1000 + (uuid.uuid4().int >> (8 * i)) % 90_000 for i in range(60)]  # 61 tokens of its own
+    sampling = pb.SamplingOptions(max_tokens=2, temperature=0, ignore_eos=True)
+    with server.channel() as channel:
+        stub = pb_grpc.MoeClusterStub(channel)
+
+        def usage(salt: str = "") -> pb.Usage:
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling, cache_salt=salt)
+            return stub.Generate(req, metadata=server.metadata(), timeout=60).usage
+
+        assert usage().cached_tokens == 0
+        assert usage().cached_tokens == (len(prompt) - 1) // BS * BS == 48
+        assert usage("tenant-a").cached_tokens == 0, "a salt shares nothing with unsalted requests"
+    server.wait_idle("main")
