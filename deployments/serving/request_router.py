@@ -229,7 +229,9 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
             by_id[r.replica_id] = r
         tokens = request_tokens(pending_request)
         if pending_request is None or tokens is None:  # stats, info, abort: anywhere, Serve's choice
-            return [candidate_replicas]
+            # Shuffled: Serve takes the shortest queue, the first of equals, so idle replicas would
+            # otherwise always give the same one.
+            return [random.sample(candidate_replicas, len(candidate_replicas))]
         keys = request_keys(pending_request, board.block_size(next(iter(by_id)))) if self.prefix_aware else []
         ranks = board.rank(by_id, keys, tokens)
         if len(ranks[0]) == 1:  # count it where it will most likely go (see the class doc)
