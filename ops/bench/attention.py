@@ -16,7 +16,7 @@ flat when a chunk costs chunk x context and no more. Decode: one long context am
 (the varlen case) and a batch of equal contexts (no padding to save).
 
     python -m ops.bench.attention --smoke        # small dimensions and contexts: seconds (the suite runs this)
-    python -m ops.bench.attention --write-docs   # real dimensions, chunk 512 over 1K-32K; docs/BENCHMARKS.md
+    python -m ops.bench.attention --write-docs   # real dimensions, chunks 256, 512 up to 32K; docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ SMOKE = Dims(heads=4, kv_lora_rank=32, rope=16, nope=16, v=32)  # the tiny prese
 @dataclass(frozen=True)
 class Case:
     dims: Dims
-    chunk: int
-    contexts: tuple[int, ...]  # prefill: context length after the chunk
+    chunks: tuple[int, ...]  # prefill: new tokens per chunk
+    contexts: tuple[int, ...]  # prefill: context length after the chunk (those >= the chunk)
     long_context: int  # decode: the long one
     short_range: tuple[int, int]
     batch: int
@@ -68,8 +68,8 @@ class Case:
     reps: int
 
 
-FULL = Case(REAL, 512, (512, 1024, 2048, 4096, 8192, 16384, 32768), 16384, (128, 2048), 32, 1024, 3)
-SMOKE_CASE = Case(SMOKE, 64, (64, 256, 1024), 1024, (16, 128), 8, 128, 1)
+FULL = Case(REAL, (256, 512), (256, 512, 1024, 2048, 4096, 8192, 16384, 32768), 16384, (128, 2048), 32, 1024, 2)
+SMOKE_CASE = Case(SMOKE, (64,), (64, 256, 1024), 1024, (16, 128), 8, 128, 1)
 
 
 class Layer:
@@ -201,14 +201,14 @@ def prefill_rows(case: Case, dtype: torch.dtype, seed: int) -> list[dict]:
     layer = Layer(case.dims, max(case.contexts), dtype, seed)
     d = case.dims
     table = layer.tables([max(case.contexts)])[0]
-    q = torch.randn(case.chunk, d.heads, d.nope + d.rope, generator=torch.Generator().manual_seed(seed)).to(dtype)
     rows = []
-    for length in case.contexts:
-        slots, mask = prefill_inputs(table, length, case.chunk)
+    for chunk, length in ((c, n) for c in case.chunks for n in case.contexts if n >= c):
+        q = torch.randn(chunk, d.heads, d.nope + d.rope, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        slots, mask = prefill_inputs(table, length, chunk)
         before = partial(prefill_before, layer, q, slots, mask)
         r = side_by_side(before, partial(prefill_after, layer, q, table, length), case.reps)
-        rows.append({"context": length, **r})
-        print(f"prefill chunk {case.chunk} context {length}: {r}", file=sys.stderr, flush=True)
+        rows.append({"chunk": chunk, "context": length, **r})
+        print(f"prefill chunk {chunk} context {length}: {r}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -248,14 +248,15 @@ def render(case: Case, dtype: torch.dtype, prefill: list[dict], decode: list[dic
         "masked SDPA; decode pads to the longest context. After: the `torch` attention backend. Ratio = "
         "after / before by CPU time (steadier than wall time on a shared machine).",
         "",
-        f"Prefill, one chunk of {case.chunk} new tokens:",
+        "Prefill, one chunk (the first when context = chunk):",
         "",
-        "| context | before ms | after ms | after / before (CPU) | after ns per query-key pair | max diff |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| chunk | context | before ms | after ms | after / before (CPU) | after ns per query-key pair | max diff |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in prefill:
-        pair_ns = r["wall"]["after"] / (case.chunk * r["context"]) * 1e9
-        lines.append(f"| {r['context']:,} | {r['wall']['before'] * 1e3:,.1f} | {r['wall']['after'] * 1e3:,.1f} | "
+        pair_ns = r["wall"]["after"] / (r["chunk"] * r["context"]) * 1e9
+        lines.append(f"| {r['chunk']} | {r['context']:,} | {r['wall']['before'] * 1e3:,.1f} | "
+                     f"{r['wall']['after'] * 1e3:,.1f} | "
                      f"{r['cpu']['after'] / r['cpu']['before']:.2f}x | {pair_ns:.2f} | "
                      f"{r['max_diff']:.1e} (of {r['scale']:.1e}) |")
     lines += ["", "Decode, one new token per sequence:", "",
@@ -274,15 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="small dimensions and contexts, seconds")
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--chunk", type=int, help="prefill chunk (new tokens)")
+    p.add_argument("--chunks", help="comma-separated prefill chunks (new tokens)")
     p.add_argument("--contexts", help="comma-separated prefill context lengths")
     p.add_argument("--reps", type=int)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     case = SMOKE_CASE if args.smoke else FULL
-    if args.chunk or args.contexts or args.reps:
+    if args.chunks or args.contexts or args.reps:
+        chunks = tuple(int(x) for x in args.chunks.split(",")) if args.chunks else case.chunks
         contexts = tuple(int(x) for x in args.contexts.split(",")) if args.contexts else case.contexts
-        case = Case(case.dims, args.chunk or case.chunk, contexts, case.long_context, case.short_range, case.batch,
+        case = Case(case.dims, chunks, contexts, case.long_context, case.short_range, case.batch,
                     case.uniform, args.reps or case.reps)
     dtype = getattr(torch, args.dtype)
     with torch.inference_mode():
