@@ -19,13 +19,15 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import TokenLogprobs
 from cluster.engine.stop import StopChecker
 from cluster.errors import ConfigError, RequestError
+from cluster.model.config import load_model_config
 from cluster.model.image_rows import ImageRows, pixel_hash
 from cluster.model.preflight import check_model_dir
-from cluster.model.tokenizer import Tokenizer
 from cluster.model.vision import ImageInput, ImageLimits, InvalidImageError, VisionEncoder, image_rows
+from cluster.model.weight_source import open_weights
 
 if TYPE_CHECKING:
     from cluster.experts.group import ExpertGroup
+    from cluster.model.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int] | dict[str, Any]
 _IDS_KEYS = {"prompt_token_ids", "images", "cache_salt"}
@@ -56,14 +58,23 @@ class LLM:
                  target_step_ms: float | None = None, min_prefill_tokens: int = 32, transport: str = "local",
                  num_expert_shards: int = 0, num_engines: int = 1, exchange_deadline_s: float = 30.0,
                  image_limits: ImageLimits | None = None, num_routers: int | None = None,
-                 expert_cache_bytes: int = 0, enable_prefix_caching: bool = True) -> None:
+                 expert_cache_bytes: int = 0, enable_prefix_caching: bool = True, device: str | None = None,
+                 dtype: str | None = None, load_format: str = "auto", attention_backend: str | None = None,
+                 enforce_eager: bool = False) -> None:
         """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
         over in-process shards by placement). A distributed transport ("deepspeed", "ray") starts or
         joins a Ray cluster and runs `num_engines` engines (attention; more than one only with "ray")
         and `num_expert_shards` shards in their own actors. `num_routers` is the deprecated name of
         `num_engines`. The engine settings (`kv_cache_bytes`, `max_model_len`, `target_step_ms`, ...)
         are `EngineConfig`'s. `expert_cache_bytes` caps, per expert shard (over its layers), the cache of dequantized
-        experts of an FP8 checkpoint (0: each routed expert is dequantized when used)."""
+        experts of an FP8 checkpoint (0: each routed expert is dequantized when used).
+
+        `device` ("cpu", "cuda", "cuda:1"; None: CUDA where visible, else the CPU) and `dtype`
+        ("float32", "bfloat16", "float16"; None: bfloat16 on CUDA, float32 elsewhere) place the weights,
+        the KV pool, the step and, under `transport="local"`, the routed experts (FP8 experts stay
+        fp8). `load_format="dummy"` builds random weights on the device from config.json alone (no
+        weight file, no tokenizer needed: prompts as token ids). `attention_backend` ("torch",
+        "triton"; None: triton on CUDA where importable); `enforce_eager` turns decode CUDA graphs off."""
         if num_routers is not None:
             import warnings
 
@@ -77,17 +88,25 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                               target_step_ms=target_step_ms, min_prefill_tokens=min_prefill_tokens,
-                              enable_prefix_caching=enable_prefix_caching)
+                              enable_prefix_caching=enable_prefix_caching, device=device, dtype=dtype,
+                              load_format=load_format, attention_backend=attention_backend,
+                              enforce_eager=enforce_eager)
         self.model_dir = Path(model)
-        # Checks before start: config, tensor headers and tokenizer, before a weight byte is read.
-        self.model_config = check_model_dir(self.model_dir).config
+        if load_format == "dummy":  # config.json alone
+            if transport != "local":
+                raise ConfigError(f"load_format 'dummy' runs under transport 'local', not {transport!r}")
+            self.model_config = load_model_config(self.model_dir)
+        else:  # checks before start: config, tensor headers and tokenizer, before a weight byte is read
+            self.model_config = check_model_dir(self.model_dir).config
         self.engine: LLMEngine | None = None
         self.group: ExpertGroup | None = None
         if transport == "local":
             from cluster.experts.dispatchers import load_local_dispatcher
 
-            self.engine = LLMEngine(model, config, load_local_dispatcher(model, max(num_expert_shards, 1),
-                                                                                 expert_cache_bytes))
+            weights = open_weights(model, self.model_config, load_format, config.resolved_device(), config.torch_dtype)
+            dispatcher = load_local_dispatcher(weights, max(num_expert_shards, 1), expert_cache_bytes,
+                                               config.resolved_device(), config.torch_dtype)
+            self.engine = LLMEngine(model, config, dispatcher)
             self.tokenizer = self.engine.stop.tokenizer
         else:
             from cluster.experts.group import ExpertGroup, GroupSpec

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     report = check_model_dir(resolve_model_dir(config.model))
     from cluster.engine.kv_pool import limits_before_start
 
-    limits = limits_before_start(config.engine.to_engine_config(), report.config.text, report.dtype)
+    limits = limits_before_start(config.engine.to_engine_config(), report.config.text)
     if limits is not None:
         print(f"moe-cluster: each engine's {limits.describe()}", flush=True)
     from deployments import launch

@@ -8,12 +8,19 @@ string's prefix that is later cut, and nothing past a stop string is ever releas
 
 from __future__ import annotations
 
-from cluster.model.tokenizer import IncrementalDecoder, Tokenizer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mistral-common: imported only where a tokenizer exists
+    from cluster.model.tokenizer import Tokenizer
 
 
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...], include_stop: bool = False) -> None:
-        self._decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self._decoder = None
+        if tokenizer is not None:
+            from cluster.model.tokenizer import IncrementalDecoder
+
+            self._decoder = IncrementalDecoder(tokenizer)
         self._stop = stop
         self._include_stop = include_stop  # the text ends after the stop string rather than before it
         self._hold = max(len(s) for s in stop) - 1 if stop else 0

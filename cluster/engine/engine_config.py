@@ -11,6 +11,7 @@ import torch
 from cluster.engine.block_manager import cache_bytes_per_block
 from cluster.errors import ConfigError, KVPoolTooSmallError
 from cluster.model.config import TextConfig
+from cluster.model.weight_source import LOAD_FORMATS
 
 MaxModelLen = int | Literal["auto"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,8 +35,13 @@ class EngineConfig:
     # alone); a prefill still advances by at least min_prefill_tokens every step.
     target_step_ms: float | None = None
     min_prefill_tokens: int = 32
-    device: str | None = None  # None: "cpu" (the routed experts live on CPUs for now)
-    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: the checkpoint's
+    # None: "cuda" where CUDA is visible, else "cpu". Weights, the KV pool, step inputs, sampling
+    # and (under transport "local") the routed experts live there.
+    device: str | None = None
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None: bfloat16 on CUDA, float32 elsewhere
+    attention_backend: str | None = None  # ATTENTION_BACKENDS; None: "triton" on CUDA where importable, else "torch"
+    enforce_eager: bool = False  # True: decode steps run eagerly, never as captured CUDA graphs
+    load_format: str = "auto"  # "auto": the checkpoint's weights; "dummy": random weights from config.json alone
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_prefill_tokens"):
@@ -60,16 +66,46 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a device name such as 'cpu' or 'cuda:0', got {self.device!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if self.attention_backend is not None and not isinstance(self.attention_backend, str):
+            raise ConfigError(f"attention_backend must be a backend name or None, got {self.attention_backend!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return None if self.dtype is None else DTYPES[self.dtype]
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype: `dtype`, else bfloat16 on CUDA and float32 elsewhere."""
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
 
     def resolved_device(self) -> torch.device:
+        """`device`, else CUDA where it is visible and the CPU elsewhere."""
+        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device or "cpu")
+            device = torch.device(name)
         except RuntimeError as exc:
             raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device (torch {torch.__version__}; "
+                              "install a CUDA build of torch, or set device 'cpu')")
+        return device
+
+    def resolved_attention_backend(self) -> str:
+        """`attention_backend`, else "triton" on CUDA where triton imports and "torch" elsewhere."""
+        if self.attention_backend is not None:
+            return self.attention_backend
+        if self.resolved_device().type != "cuda":
+            return "torch"
+        from cluster.model import mla_triton
+
+        return "triton" if mla_triton.available() else "torch"
+
+    def uses_cuda_graphs(self, transport: str = "local") -> bool:
+        """Decode steps replay captured CUDA graphs: on CUDA, under the local transport, unless
+        `enforce_eager` (a remote exchange leaves the device every MoE layer, so it cannot be captured)."""
+        return not self.enforce_eager and transport == "local" and self.resolved_device().type == "cuda"
 
 
 def _positive_int(name: str, value: object, alternative: str = "") -> None:

@@ -22,7 +22,6 @@ import torch
 from cluster.engine.engine_config import EngineConfig, PoolSize, ResolvedLimits, resolve_limits
 from cluster.errors import ConfigError, KVPoolTooSmallError
 from cluster.model.config import TextConfig
-from cluster.model.safetensors_header import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from cluster.engine.model_runner import ModelRunner
@@ -80,11 +79,13 @@ def fixed_pool_bytes(config: EngineConfig, environ: Mapping[str, str]) -> PoolSi
 
 
 def free_at_start(device: torch.device) -> int | None:
-    """Free bytes on a GPU before the engine loads anything (None on other devices)."""
+    """Free bytes on a GPU before the engine loads anything (None on other devices). What this
+    process's torch already holds counts as free: the in-process experts, loaded before the
+    engine, are this engine's weights, not another process's memory."""
     if device.type != "cuda":
         return None
     torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.mem_get_info(device)[0]
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
 
 
 def size_pool(config: EngineConfig, runner: ModelRunner, free_before_load: int | None) -> PoolSize | None:
@@ -113,13 +114,11 @@ def measure_gpu(runner: ModelRunner, config: EngineConfig, free_before_load: int
     return GpuMemory(total, free_before_load, weights, peak, non_torch)
 
 
-def limits_before_start(config: EngineConfig, text: TextConfig, checkpoint_dtype: str) -> ResolvedLimits | None:
-    """What an engine's start will resolve, from config.json and the checkpoint's safetensors
-    dtype (`ModelReport.dtype`) alone: `moe-cluster serve` refuses a bad `max_model_len` with it
+def limits_before_start(config: EngineConfig, text: TextConfig) -> ResolvedLimits | None:
+    """What an engine's start will resolve, from config.json and the engine config alone (the
+    cache is in the engine's dtype): `moe-cluster serve` refuses a bad `max_model_len` with it
     before Ray starts. None where only the GPU's measurement can tell."""
     if config.num_kv_blocks is None and config.kv_cache_bytes is None and config.resolved_device().type == "cuda":
         return None
-    names = {v: k for k, v in TORCH_DTYPES.items()}
-    dtype = config.torch_dtype or getattr(torch, names[checkpoint_dtype])
     pool = None if config.num_kv_blocks is not None else fixed_pool_bytes(config, os.environ)
-    return resolve_limits(config, text, dtype, pool)
+    return resolve_limits(config, text, config.torch_dtype, pool)

@@ -31,11 +31,11 @@ from cluster.errors import (
     PromptTooLongError,
     RequestError,
 )
-from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import load_model_config
 from cluster.model.dispatch import Dispatcher
 from cluster.model.image_rows import ImageRows
 from cluster.model.text_model import Mistral4TextModel
+from cluster.model.weight_source import open_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,24 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_config = load_model_config(self.model_dir)
         self.text = self.model_config.text
-        device = self.config.resolved_device()
+        device, dtype = self.config.resolved_device(), self.config.torch_dtype
         free_before_load = free_at_start(device)
-        self.runner = ModelRunner(CheckpointReader(self.model_dir, self.model_config), dispatcher, device,
-                                  self.config.torch_dtype)
+        weights = open_weights(self.model_dir, self.model_config, self.config.load_format, device, dtype)
+        self.runner = ModelRunner(weights, dispatcher, device, dtype, self.config.resolved_attention_backend())
         self.limits = limits = resolve_limits(self.config, self.text, self.runner.dtype,
                                               size_pool(self.config, self.runner, free_before_load))
         log.info("engine %s: %s", self.model_dir.name, limits.describe())
         self.max_model_len = limits.max_model_len
         self.blocks = BlockManager(limits.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.runner.allocate_caches(limits.num_kv_blocks, self.config.block_size)
+        graphs = self.config.uses_cuda_graphs() and dispatcher.graph_safe()
+        # Under decode graphs one more block, owned by no sequence, takes the padding rows' latents.
+        self.runner.allocate_caches(limits.num_kv_blocks + int(graphs), self.config.block_size)
+        if graphs:
+            started = time.monotonic()
+            self.runner.capture_decode_graphs(self.config.max_num_seqs, limits.max_model_len,
+                                              scratch_block=limits.num_kv_blocks)
+            log.info("engine %s: decode CUDA graphs %s (%.1f s)", self.model_dir.name,
+                     self.runner.graphs.sizes if self.runner.graphs else "not capturable", time.monotonic() - started)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    self.config.target_step_ms, self.config.min_prefill_tokens),
                                    self.blocks)

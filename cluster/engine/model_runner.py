@@ -14,16 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.block_manager import blocks_needed
+from cluster.engine.decode_graphs import DecodeGraphs, DecodeSlots, capture_sizes
 from cluster.engine.grammar_mask import mask_logits
+from cluster.engine.host_copy import HostToDevice
 from cluster.engine.logit_adjustments import adjust_logits, record
 from cluster.engine.sampler import logprobs, sample
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq
 from cluster.engine.sequence import Sequence, TokenLogprobs
 from cluster.model.attention_backend import AttentionMetadata, DecodeBatch, SeqSpan
-from cluster.model.checkpoint import CheckpointReader
 from cluster.model.dispatch import Dispatcher, ExchangeFailedError
 from cluster.model.text_model import Mistral4TextModel
+from cluster.model.weight_source import WeightSource
 
 MAX_STEP_RETRIES = 3
 # Rope types whose tables depend on the batch's longest position rather than on each position.
@@ -46,18 +48,21 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, reader: CheckpointReader, dispatcher: Dispatcher, device: str | torch.device = "cpu",
+    def __init__(self, reader: WeightSource, dispatcher: Dispatcher, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, attention_backend: str = "torch") -> None:
-        """Loads the dense model; `dispatcher` computes the routed experts. `dtype` None keeps the
-        checkpoint's; `attention_backend` names the kernels that attend
-        (`cluster.model.attention.ATTENTION_BACKENDS`). Only the CPU is exercised today: the experts
-        stay where the dispatcher keeps them, so another device is for a later change."""
+        """Loads the dense model onto `device` in `dtype` (None: the checkpoint's); `dispatcher`
+        computes the routed experts (in-process ones on the same device and dtype);
+        `attention_backend` names the kernels that attend (`cluster.model.attention.ATTENTION_BACKENDS`).
+        The step's inputs are built on the host and sent in one copy; a step reads back only its
+        sampled tokens (and the logprobs asked for)."""
         self.device = torch.device(device)
         model = Mistral4TextModel.from_reader(reader, attention_backend)
         if dtype is not None and dtype != model.dtype:
             model = model.to(dtype)
         self.model = model.to(self.device)
         self.dtype = self.model.dtype
+        self.copier = HostToDevice(self.device)
+        self.graphs: DecodeGraphs | None = None
         self.dispatcher = dispatcher
         self.eos_ids: frozenset[int] = frozenset()  # held back with the stop ids under min_tokens (the engine's)
         self.reforms: list[float] = []  # seconds each expert-group re-formation took, oldest first
@@ -93,18 +98,64 @@ class ModelRunner:
         are the sequences that take a token from scheduled[i]'s last position this step (none in
         the middle of a prefill; the sequence itself, and with it the choices still to be forked
         from it when its prompt completes)."""
-        inputs = self.prepare(scheduled, block_tables, samples)
-        logits = self.forward(inputs)
-        if logits.shape[0] != int(inputs.samples_per_row.sum()):
-            logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0)  # [S, V]
+        logits = self._graph_decode(scheduled, block_tables, samples)  # [B, V], or None: not a graph's step
+        if logits is None:
+            inputs = self.prepare(scheduled, block_tables, samples)
+            logits = self.forward(inputs)
+            if logits.shape[0] != int(inputs.samples_per_row.sum()):  # a host tensor
+                logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0)  # [S, V]
         flat = [seq for group in samples for seq in group]
         adjusted = adjust_logits(logits, flat, self.eos_ids)  # [S, V]: bias, penalties, min_tokens
         adjusted = mask_logits(adjusted, [s.grammar for s in flat], inplace=adjusted is not logits)  # [S, V]
         tokens = sample(adjusted, [s.params for s in flat], [s.generator for s in flat])
         lps = logprobs(logits, tokens, [s.params.logprobs for s in flat])  # of the model's own distribution
-        chosen = tokens.tolist()
+        chosen = tokens.tolist()  # the step's one read back from the device
         record(flat, chosen)
         return StepResult(chosen, lps)
+
+    # -- decode under CUDA graphs --------------------------------------------------------------
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, scratch_block: int,
+                              capture: bool = True) -> bool:
+        """Captures one decode graph per padded batch size up to `max_num_seqs` (see
+        `cluster.engine.decode_graphs`); `scratch_block` is a cache block no sequence owns (padding
+        rows write there). False, capturing nothing, where a step cannot be captured: the
+        dispatcher or the attention backend syncs with the host, or the rope depends on the batch.
+        `capture=False` runs the same bookkeeping eagerly (CPU tests)."""
+        attention_ok = self.model.attention.graph_safe or not capture  # emulated: any backend
+        if not (self.dispatcher.graph_safe() and attention_ok and self._rope_table):
+            return False
+        self._rope_tables(max(max_model_len, self._cos.shape[0]))  # once, full size: graphs read them in place
+        self._graph_rows = torch.arange(max_num_seqs, device=self.device)
+        self.graphs = DecodeGraphs(capture_sizes(max_num_seqs), max_model_len, self.block_size, scratch_block,
+                                   self.device, self._static_decode, capture)
+        return True
+
+    def _static_decode(self, slots: DecodeSlots) -> torch.Tensor:
+        """The forward a decode graph captures: static inputs -> logits [n, V]. The longest
+        context is taken as max_model_len, so the attention kernel's shape is the graph's own."""
+        assert self.graphs is not None
+        n = slots.input_ids.shape[0]
+        rows = self._graph_rows[:n]
+        longest = self.graphs.width * self.block_size
+        decode = DecodeBatch(rows, slots.block_tables, slots.context_lens, longest)
+        pos = slots.positions
+        meta = AttentionMetadata(pos, slots.slot_mapping, (), decode, self._cos[pos], self._sin[pos],
+                                 self._query_scale[pos])
+        return self.model(slots.input_ids, meta, self.caches, self.dispatcher, rows)
+
+    def _graph_decode(self, scheduled: list[ScheduledSeq], block_tables: torch.Tensor,
+                      samples: list[list[Sequence]]) -> torch.Tensor | None:
+        """Logits [B, V] of a decode-only step run by a graph, or None where the step is not one
+        (a prefill chunk, a choice forking, a batch or table larger than the graphs')."""
+        graphs = self.graphs
+        if graphs is None or not graphs.fits(len(scheduled), block_tables.shape[1]):
+            return None
+        if any(s.num_new != 1 or len(group) != 1 for s, group in zip(scheduled, samples, strict=True)):
+            return None
+        positions = torch.tensor([s.seq.num_computed for s in scheduled], dtype=torch.long)  # [B]
+        ids = torch.tensor([s.seq.token_ids[s.seq.num_computed] for s in scheduled], dtype=torch.long)  # [B]
+        return graphs.run(ids, positions, block_tables)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward over the step -> logits [U, V]. A lost expert exchange re-forms the group
@@ -124,6 +175,8 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledSeq], block_tables: torch.Tensor,
                 samples: list[list[Sequence]]) -> StepInputs:
+        """The step's inputs, built on the host from the block tables and sent to the device in one
+        copy (`samples_per_row` stays on the host)."""
         bs = self.block_size
         b = len(scheduled)
         starts = [s.seq.num_computed for s in scheduled]
@@ -146,33 +199,36 @@ class ModelRunner:
         slot_mapping = block_tables[owner, positions // bs] * bs + positions % bs  # [T]
 
         decode_idx = [i for i, n in enumerate(counts) if n == 1]
-        decode = None
         flat_starts = [0] * b
         acc = 0
         for i, n in enumerate(counts):
             flat_starts[i] = acc
             acc += n
-        if decode_idx:
-            longest = max(starts[i] for i in decode_idx) + 1
-            if len(decode_idx) == b:
-                decode = DecodeBatch(arange[:b], block_tables, ends, longest)
-            else:
-                sel = torch.tensor(decode_idx)
-                rows = torch.tensor([flat_starts[i] for i in decode_idx])
-                decode = DecodeBatch(rows, block_tables[sel], ends[sel], longest)
-        spans = [SeqSpan(flat_starts[i], n, c + n, block_tables[i])
-                 for i, (c, n) in enumerate(zip(starts, counts, strict=True)) if n > 1]
-
-        cos, sin, query_scale = self._rope(positions)
-        meta = AttentionMetadata(positions, slot_mapping, tuple(spans), decode, cos, sin, query_scale)
+        if len(decode_idx) == b:
+            decode_rows, decode_tables, decode_lens = arange[:b], block_tables, ends
+        else:
+            sel = torch.tensor(decode_idx, dtype=torch.long)
+            decode_rows = torch.tensor([flat_starts[i] for i in decode_idx], dtype=torch.long)
+            decode_tables, decode_lens = block_tables[sel], ends[sel]
+        spanned = [i for i, n in enumerate(counts) if n > 1]
         input_ids = torch.tensor(ids, dtype=torch.long)
-        inputs_embeds = self._image_embeds(scheduled, starts, counts, flat_starts, input_ids)
         sampled = [i for i, group in enumerate(samples) if group]
         logits_rows = torch.tensor([flat_starts[i] + counts[i] - 1 for i in sampled], dtype=torch.long)
         per_row = torch.tensor([len(samples[i]) for i in sampled], dtype=torch.long)
-        if self.device.type != "cpu":
-            return _to_device(StepInputs(input_ids, meta, inputs_embeds, logits_rows, per_row), self.device)
-        return StepInputs(input_ids, meta, inputs_embeds, logits_rows, per_row)
+        self._grow_rope(positions)
+        sent = self.copier.to_device([input_ids, positions, slot_mapping, logits_rows, decode_rows, decode_tables,
+                                      decode_lens, *(block_tables[i] for i in spanned)])
+        input_ids_d, positions_d, slots_d, logits_rows_d, rows_d, tables_d, lens_d = sent[:7]
+        decode = None
+        if decode_idx:
+            longest = max(starts[i] for i in decode_idx) + 1
+            decode = DecodeBatch(rows_d, tables_d, lens_d, longest)
+        spans = tuple(SeqSpan(flat_starts[i], counts[i], starts[i] + counts[i], table)
+                      for i, table in zip(spanned, sent[7:], strict=True))
+        cos, sin, query_scale = self._rope(positions, positions_d)
+        meta = AttentionMetadata(positions_d, slots_d, spans, decode, cos, sin, query_scale)
+        inputs_embeds = self._image_embeds(scheduled, starts, counts, flat_starts, input_ids_d)
+        return StepInputs(input_ids_d, meta, inputs_embeds, logits_rows_d, per_row)
 
     def _image_embeds(self, scheduled: list[ScheduledSeq], starts: list[int], counts: list[int],
                       flat_starts: list[int], input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -200,31 +256,30 @@ class ModelRunner:
             self._range = torch.arange(max(n, 2 * self._range.shape[0], 1024))
         return self._range
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """cos, sin [T, rope] and the query scale [T] of `positions` [T]. Mistral 4's rope (yarn)
-        is a function of each position alone, so rows of a table grown on demand are exactly what
-        computing them per step gives."""
-        rope = self.model.rope
+    def _rope(self, positions: torch.Tensor, on_device: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rope] and the query scale [T] of `positions` [T] (host; `on_device` the same
+        on the device). Mistral 4's rope (yarn) is a function of each position alone, so rows of a
+        table grown on demand (`_grow_rope`) are exactly what computing them per step gives."""
         if not self._rope_table:
-            cos, sin = rope.cos_sin(positions, self.dtype)
-            return cos, sin, rope.query_scale(positions)
+            cos, sin = self.model.rope.cos_sin(positions, self.dtype)
+            scale = self.model.rope.query_scale(positions)
+            return cos.to(self.device), sin.to(self.device), scale.to(self.device)
+        return self._cos[on_device], self._sin[on_device], self._query_scale[on_device]
+
+    def _grow_rope(self, positions: torch.Tensor) -> None:
+        """The device's rope tables grown to cover `positions` [T] (host)."""
+        if not self._rope_table:
+            return
         need = int(positions.max()) + 1
         if self._cos.shape[0] < need:
-            size = max(need, min(max(2 * self._cos.shape[0], 1024), self.text.max_position_embeddings))
-            every = torch.arange(size)
-            self._cos, self._sin = rope.cos_sin(every, self.dtype)
-            self._query_scale = rope.query_scale(every)
-        return self._cos[positions], self._sin[positions], self._query_scale[positions]
+            self._rope_tables(max(need, min(max(2 * self._cos.shape[0], 1024), self.text.max_position_embeddings)))
 
-
-def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
-    m = inputs.meta
-    d = m.decode
-    decode = None if d is None else DecodeBatch(d.rows.to(device), d.block_tables.to(device),
-                                                d.context_lens.to(device), d.longest)
-    spans = tuple(SeqSpan(s.start, s.num_new, s.context_len, s.block_table.to(device)) for s in m.spans)
-    meta = AttentionMetadata(m.positions.to(device), m.slot_mapping.to(device), spans, decode, m.cos.to(device),
-                             m.sin.to(device), m.query_scale.to(device))
-    embeds = None if inputs.inputs_embeds is None else inputs.inputs_embeds.to(device)
-    return StepInputs(inputs.input_ids.to(device), meta, embeds, inputs.logits_rows.to(device),
-                      inputs.samples_per_row)
+    def _rope_tables(self, size: int) -> None:
+        if self.graphs is not None:  # captured graphs read the tables in place
+            raise RuntimeError(f"rope tables of {self._cos.shape[0]} positions cannot grow to {size} under "
+                               "captured decode graphs")
+        every = torch.arange(size)
+        cos, sin = self.model.rope.cos_sin(every, self.dtype)
+        self._cos, self._sin = cos.to(self.device), sin.to(self.device)
+        self._query_scale = self.model.rope.query_scale(every).to(self.device)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cluster.engine.detokenizer import Detokenizer
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import EngineOutput, TokenLogprobs
-from cluster.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from cluster.model.tokenizer import Tokenizer
 
 
 class OutputKind(enum.Enum):

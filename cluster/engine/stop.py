@@ -7,10 +7,13 @@ they are found (`cluster.engine.detokenizer`); the consumer then aborts the requ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.engine.sequence import Sequence, Status
 from cluster.errors import CheckpointError, RequestError
-from cluster.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # mistral-common: imported only where a model directory has a tokenizer
+    from cluster.model.tokenizer import Tokenizer
 
 
 class StopChecker:
@@ -20,10 +23,13 @@ class StopChecker:
 
     @classmethod
     def for_model_dir(cls, model_dir: Path, config_eos: tuple[int, ...]) -> StopChecker:
+        tokenizer: Tokenizer | None = None  # token-id-only use; text prompts and stop strings are refused
         try:
-            tokenizer: Tokenizer | None = Tokenizer.from_model_dir(model_dir)
-        except CheckpointError:
-            tokenizer = None  # token-id-only use; text prompts and stop strings are refused
+            from cluster.model.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_model_dir(model_dir)
+        except (CheckpointError, ImportError):  # no tokenizer files, or no mistral-common (token ids only)
+            tokenizer = None
         eos = set(config_eos) | ({tokenizer.eos_id} if tokenizer else set())
         return cls(tokenizer, eos)
 

@@ -16,6 +16,7 @@ from cluster.experts.shard import ExpertShard, split_by_rank
 from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import load_model_config
 from cluster.model.dispatch import Dispatcher, ExchangeFailedError
+from cluster.model.weight_source import WeightSource
 
 
 class LocalDispatcher(Dispatcher):
@@ -28,8 +29,8 @@ class LocalDispatcher(Dispatcher):
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        if len(self.shards) == 1:
-            return self.shards[0].compute(layer, hidden, topk_ids, topk_weights)
+        if len(self.shards) == 1:  # every expert here, every slot of the gate's choice ours
+            return self.shards[0].compute(layer, hidden, topk_ids, topk_weights, every_slot=True)
         out = torch.zeros_like(hidden)
         for share in split_by_rank(self.placement, layer, topk_ids, topk_weights):
             if share.rows.numel():
@@ -38,7 +39,10 @@ class LocalDispatcher(Dispatcher):
         return out
 
     def token_counts(self) -> dict[int, torch.Tensor]:
-        return sum_counts([s.token_counts() for s in self.shards])
+        return {layer: c.cpu() for layer, c in sum_counts([s.token_counts() for s in self.shards]).items()}
+
+    def graph_safe(self) -> bool:
+        return len(self.shards) == 1 and self.shards[0].graph_safe()
 
 
 class RoutedCounter:
@@ -112,14 +116,18 @@ def transport_factory(name: str) -> DispatcherFactory:
     return _REGISTRY[name]
 
 
-def load_local_dispatcher(source: CheckpointReader | str | Path, num_shards: int = 1,
-                          cache_bytes: int = 0) -> LocalDispatcher:
-    """Every routed expert in this process (from a model directory or an open reader), over
-    `num_shards` contiguous in-process shards (`cache_bytes`: see `ExpertShard`)."""
-    reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source, load_model_config(source))
+def load_local_dispatcher(source: WeightSource | str | Path, num_shards: int = 1, cache_bytes: int = 0,
+                          device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                          ) -> LocalDispatcher:
+    """Every routed expert in this process (from a model directory or an open weight source), over
+    `num_shards` contiguous in-process shards (`cache_bytes`, `device`, `dtype`: see `ExpertShard`;
+    the engine's device and dtype, so hidden states never leave the device)."""
+    reader = CheckpointReader(source, load_model_config(source)) if isinstance(source, str | Path) else source
     text = reader.config.text
     placement = ExpertPlacement.of_model(text, num_shards)
-    return LocalDispatcher(placement, [ExpertShard(reader, placement, r, cache_bytes) for r in range(num_shards)])
+    where = None if device is None else torch.device(device)
+    return LocalDispatcher(placement, [ExpertShard(reader, placement, r, cache_bytes, where, dtype)
+                                       for r in range(num_shards)])
 
 
 register_transport("local", load_local_dispatcher)

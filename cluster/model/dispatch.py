@@ -27,6 +27,11 @@ class Dispatcher(ABC):
         """Routed (token, expert) pairs seen so far, per MoE layer: {layer: [E]}."""
         return {}
 
+    def graph_safe(self) -> bool:
+        """Whether `dispatch` makes no host sync and leaves no device, so a step can be captured
+        in a CUDA graph (in-process experts only; an exchange with other processes cannot be)."""
+        return False
+
     def recover(self) -> None:
         """Re-forms the group after `ExchangeFailedError`; transports without peers cannot fail."""
         raise NotImplementedError(f"{type(self).__name__} cannot recover from a failed exchange")

@@ -147,8 +147,18 @@ class RoutedExperts(nn.Module):
             return sum(p.nbytes for p in self.parameters())
         return sum(m.nbytes for m in self.fp8)
 
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H]."""
+    def graph_safe(self, every_slot: bool) -> bool:
+        """Whether `forward(..., every_slot)` makes no host sync: the grouped kernel over every slot,
+        without the dequantized cache (whose bookkeeping is on the host)."""
+        return (every_slot and self.kernel == "grouped" and self.cache is None
+                and _grouped_mm_supports(torch.empty(0, dtype=self.dtype, device=self.global_to_local.device)))
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                every_slot: bool = False) -> torch.Tensor:
+        """hidden [T, H], topk_ids/topk_weights [T, K] -> weighted sum over held experts [T, H].
+        `every_slot`: every expert is held and no slot is -1 (the caller's promise), so no host sync."""
+        if self.graph_safe(every_slot):
+            return self._every_slot(hidden, topk_ids, topk_weights)
         t, k = topk_ids.shape
         flat = topk_ids.reshape(-1)  # [T*K]; -1 marks a slot another shard computes
         local = torch.where(flat >= 0, self.global_to_local[flat.clamp(min=0)], -1)
@@ -173,6 +183,36 @@ class RoutedExperts(nn.Module):
         return per_pair.view(t, k, -1).sum(1)
 
 
+    def _every_slot(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """`forward` when every slot is ours, with shapes fixed by the batch alone and no host sync
+        (no nonzero, no bincount, whose CUDA kernels read their sizes back): capturable."""
+        t, k = topk_ids.shape
+        local = self.global_to_local[topk_ids.reshape(-1)]  # [P = T*K]
+        pairs = torch.argsort(local, stable=True)  # [P] flat (token, k) indices grouped by expert
+        ones = torch.ones_like(local)
+        counts = torch.zeros(len(self.expert_ids), dtype=torch.long, device=local.device).index_add_(0, local, ones)
+        self.token_counts.index_add_(0, topk_ids.reshape(-1), ones)
+        x_sorted = hidden[pairs // k]  # [P, H]
+        gate_up: torch.Tensor
+        down: torch.Tensor
+        if self.fp8 is None:
+            gate_up, down, sizes = self.gate_up_proj, self.down_proj, counts
+        else:
+            hit, sizes = _distinct(local[pairs], counts)  # [M] each; M = min(E, P), unused ones empty
+            gate_up, down = (m.dequantize_many(hit, self.dtype) for m in self.fp8)
+        y_sorted = self._grouped_by(x_sorted, gate_up, down, sizes)
+        y_sorted *= topk_weights.reshape(-1)[pairs, None].to(y_sorted.dtype)
+        per_pair = torch.empty_like(y_sorted).index_copy_(0, pairs, y_sorted)  # [P, H] back in (token, k) order
+        return per_pair.view(t, k, -1).sum(1)
+
+    def _grouped_by(self, x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    sizes: torch.Tensor) -> torch.Tensor:
+        """x_sorted [P, H] in groups of `sizes` [e] rows, gate_up [e, 2I, H], down [e, H, I] -> [P, H]."""
+        offs = torch.cumsum(sizes, 0).to(torch.int32)  # [e] end row of each group
+        h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [P, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # [P, H]
+
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [P, H] grouped by local expert, counts [E_local] -> [P, H]: one grouped product
         per projection. Unquantized experts are used in place (empty groups cost nothing); fp8
@@ -185,10 +225,7 @@ class RoutedExperts(nn.Module):
             hit = counts.nonzero().squeeze(1)  # [e]
             gate_up, down = self.stacked(self.fp8, hit)
             sizes = counts[hit]
-        offs = torch.cumsum(sizes, 0).to(torch.int32)  # [e] end row of each group
-        h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [P, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # [P, H]
+        return self._grouped_by(x_sorted, gate_up, down, sizes)
 
     def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The per-expert reference: one product per projection and expert."""
@@ -202,6 +239,20 @@ class RoutedExperts(nn.Module):
             y_sorted[start:start + n] = F.linear(F.silu(gate) * up, w_down)  # [n, H]
             start += n
         return y_sorted
+
+
+def _distinct(sorted_local: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts a step hits, in a size fixed by the batch: sorted_local [P] (ascending local ids)
+    and counts [E] -> (hit [M], sizes [M]) with M = min(E, P): the distinct ids in order, then
+    expert 0 again with size 0 for the places left over (an empty group costs no product)."""
+    p = sorted_local.shape[0]
+    m = min(counts.shape[0], p)
+    first = torch.ones(p, dtype=torch.bool, device=sorted_local.device)
+    first[1:] = sorted_local[1:] != sorted_local[:-1]  # [P] the first pair of each expert
+    slot = torch.cumsum(first, 0) - 1  # [P] the place of each pair's expert among the distinct ones
+    hit = torch.zeros(m, dtype=torch.long, device=sorted_local.device).scatter_(0, slot, sorted_local)  # [M]
+    used = torch.zeros(m, dtype=torch.bool, device=sorted_local.device).scatter_(0, slot, torch.ones_like(first))  # [M]
+    return hit, torch.where(used, counts[hit], 0)
 
 
 def _grouped_mm_supports(x: torch.Tensor) -> bool:

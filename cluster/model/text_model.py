@@ -12,11 +12,11 @@ from torch import nn
 from cluster.errors import CheckpointError
 from cluster.model.attention import MLAAttention, make_attention_backend
 from cluster.model.attention_backend import AttentionBackend, AttentionMetadata
-from cluster.model.checkpoint import CheckpointReader
 from cluster.model.config import TextConfig
 from cluster.model.dispatch import Dispatcher
 from cluster.model.layers import MLP, RMSNorm, Rope
 from cluster.model.moe import MoEBlock
+from cluster.model.weight_source import WeightSource
 
 
 class DecoderLayer(nn.Module):
@@ -49,8 +49,8 @@ class Mistral4TextModel(nn.Module):
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
     @classmethod
-    def from_reader(cls, reader: CheckpointReader, attention_backend: str = "torch") -> Mistral4TextModel:
-        """Builds the model and loads the dense part (no routed experts) from the checkpoint."""
+    def from_reader(cls, reader: WeightSource, attention_backend: str = "torch") -> Mistral4TextModel:
+        """Builds the model and loads the dense part (no routed experts) from the checkpoint (or dummy weights)."""
         text = reader.config.text
         with torch.device("meta"):
             model = cls(text, attention_backend)

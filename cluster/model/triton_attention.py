@@ -13,6 +13,8 @@ from cluster.model.torch_attention import TorchAttention
 
 
 class TritonAttention(AttentionBackend):
+    graph_safe = True  # the kernel's splits follow `longest`, which a decode graph fixes at max_model_len
+
     def __init__(self) -> None:
         if not mla_triton.available():
             raise ConfigError("attention backend 'triton' needs the triton package (pip install triton)")
