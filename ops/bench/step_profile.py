@@ -131,9 +131,10 @@ def build_report(args: argparse.Namespace, result: dict, ckpt: Path, command: st
         f"Checkpoint `{ckpt.name}` (preset `{PRESET}`), fp32 on CPUs, the engine alone in a child process: one "
         f"{args.prompt_len:,}-token prompt prefilled in {args.chunk:,}-token steps. Per group of steps (by the "
         "context before them, full chunks only), medians of the process's CPU time (steadier than wall time on "
-        "a shared machine; wall beside it): the step, its attention (hooks around each layer's attention), the "
-        "rest, and attention per query-key pair (chunk x (context + chunk / 2)): flat when a chunk's attention "
-        "grows with chunk x context and no more; the rest flat when nothing else grows with the context.",
+        "a shared machine; `OMP_WAIT_POLICY=PASSIVE`, so waiting threads do not spin; wall beside it): the step, "
+        "its attention (hooks around each layer's attention), the rest, and attention per query-key pair (chunk x "
+        "(context + chunk / 2)): flat when a chunk's attention grows with chunk x context and no more; the rest "
+        "flat when nothing else grows with the context.",
         "",
         "| context before the chunk | steps | step CPU (ms) | attention CPU (ms) | rest CPU (ms) | attention CPU "
         "ns / query-key pair | step wall (ms) |",
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = ensure_checkpoint(args.ckpt_dir or default_ckpt_dir(PRESET, args.ckpt_seed), PRESET, args.ckpt_seed)
     spec = {"ckpt": str(ckpt), "prompt_len": args.prompt_len, "chunk": args.chunk, "seed": args.seed,
             "kv_cache_bytes": args.kv_cache_bytes, "threads": args.threads, "top": args.top}
+    # Idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting for a core.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory(prefix="step-profile-") as tmp:
         result = run_child("ops.bench.step_profile", "profile", spec, Path(tmp), args.threads, args.timeout)
     report = build_report(args, result, ckpt, "python -m ops.bench.step_profile " + shlex.join(raw),
