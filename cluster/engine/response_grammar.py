@@ -29,6 +29,7 @@ from cluster.errors import InvalidGrammarError
 from cluster.model.tokenizer import Tokenizer
 
 _BASE_TEMPLATE = (JINJA_DIR / "base_grammar.lark.jinja").read_text(encoding="utf-8")
+_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # mistral-common's default
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_CHOICES = ("auto", "none", "required")
 
@@ -110,8 +111,8 @@ class ResponseGrammars:
             if function is not None and tool.function.name != function:
                 continue
             if strict or tool.function.strict:
-                held = tool.function.model_copy(update={"strict": True,
-                                                        "parameters": compact(tool.function.parameters)})
+                params = tool.function.parameters or _NO_ARGUMENTS
+                held = tool.function.model_copy(update={"strict": True, "parameters": compact(params)})
                 tool = tool.model_copy(update={"function": held})
             if tool.function.strict and tool.function.parameters:
                 self._check_schema(tool.function.parameters, f"tools[{i}].function.parameters")

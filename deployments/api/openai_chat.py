@@ -41,8 +41,9 @@ def forced_prefix(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int
     """The tokens the answer is made to start with: `[TOOL_CALLS]` for tool_choice "required",
     `[TOOL_CALLS]name[ARGS]` for a named choice (the model then writes the arguments), none
     otherwise. They go at the end of the prompt, and the answer's parser takes them as its first
-    tokens, so the call is in the answer whatever the model would have begun with. (The arguments
-    are the model's: without constrained decoding they are not checked against the schema.)"""
+    tokens, so the call is in the answer whatever the model would have begun with. The rest is
+    grammar-constrained (the grammar takes these tokens first): a tool's name, then arguments that
+    follow its schema."""
     choice = body.tool_choice
     if choice == "required" or isinstance(choice, NamedToolChoice):
         if tokenizer.tool_calls_id is None or tokenizer.args_id is None:

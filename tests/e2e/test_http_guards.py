@@ -92,7 +92,7 @@ CASES = [
                                                                       "function": {"name": "g"}}}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "sometimes"}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]}, 400, "image_url"),
 ]

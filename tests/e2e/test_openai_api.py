@@ -174,9 +174,13 @@ def _tool_calls(c, stream: bool, **kwargs) -> tuple[list[tuple[str, str]], str |
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_named_tool_choice_makes_the_answer_a_call(server, stream):
-    # The think app's model never calls a tool on its own ...
+    # The think app's model never calls a tool on its own ... (the arguments follow the tool's schema
+    # under a forced choice: a bounded one, so that off its script the model closes them in time)
     c = client(server, "think")
-    base = dict(model="think", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL],
+    bounded = {"type": "function", "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    base = dict(model="think", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[bounded],
                 max_tokens=32, temperature=0)
     assert _tool_calls(c, stream, **base, tool_choice="auto")[0] == []
     # ... a named choice makes its answer that call.
