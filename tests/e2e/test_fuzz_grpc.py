@@ -5,7 +5,8 @@ messages: each call ends with one of the status codes docs/OPERATIONS.md documen
 ("gRPC status codes"), and the server goes on answering, its engine idle with every KV block free.
 
 Bounded: a fixed number of examples per method, every generation capped at a few tokens (a
-`sampling.max_tokens` appended to raw bytes: protobuf merges a message's repeated occurrences)."""
+`sampling.max_tokens` appended to raw bytes: protobuf merges a message's repeated occurrences).
+`MOE_FUZZ_EXAMPLES=300` for a deeper run."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from deployments.protos import moe_cluster_pb2 as pb
 from tests.e2e.support import GRPC_APP_MAX, GRPC_PROXY_MAX
 
 FD = descriptor.FieldDescriptor
-EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "25"))  # per method and kind (raw bytes, messages)
+EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "60"))  # per method and kind (raw bytes, messages)
 HEALTH_EXAMPLES = 5  # Watch runs to its deadline each time
 MAX_TOKENS, MAX_N = 4, 2
 WATCH_DEADLINE_S = 1.5

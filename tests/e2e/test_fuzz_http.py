@@ -5,7 +5,8 @@ OpenAI-shaped error; and afterwards the engine is idle with every KV block free 
 normal request.
 
 Bounded: a fixed number of examples per route and mode, no Hypothesis database, `max_tokens` and
-`n` clamped so that a schema-valid request stays a short generation."""
+`n` clamped so that a schema-valid request stays a short generation. `MOE_FUZZ_EXAMPLES=300` for a
+deeper run (both fuzz modules)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from deployments.api.http_guards import OPEN_PATHS
 from tests import openai_check
 from tests.e2e.support import KEY
 
-EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "40"))  # per route and mode, with the key (more: a deeper run)
+EXAMPLES = int(os.environ.get("MOE_FUZZ_EXAMPLES", "100"))  # per route and mode, with the key (more: a deeper run)
 UNAUTHED_EXAMPLES = 5  # per route, without the key and with a wrong one
 MAX_TOKENS, MAX_N = 4, 2
 GOOD = {"prompt": "Hi", "max_tokens": 1}
