@@ -237,8 +237,9 @@ def test_engine_replica_sigkill(fault_server: Server, streams, references) -> No
 
 
 def test_ingress_replica_sigkill(fault_server: Server, streams, references) -> None:
-    """Streams through the killed ingress replica end (none hangs) with a retryable error or a cut
-    connection; the other ingress replica's streams finish with the reference's tokens."""
+    """Streams through the killed ingress replica end with a retryable error (Serve's proxy, with
+    deployments/grpc/proxy_replica_lost.py: 503, an SSE error event once started, UNAVAILABLE);
+    the other ingress replica's streams finish with the reference's tokens."""
     fault_server.app("faults")
     check_engines("faults")
     victim = sorted(replica_pids("faults", "Ingress").values())[0]
@@ -253,9 +254,9 @@ def test_ingress_replica_sigkill(fault_server: Server, streams, references) -> N
     wrong = wrong_answers(result, streams, references)
     counts = result.by_status()
     record("ingress replica SIGKILL", result, recovery.get("s"), len(wrong))
-    assert counts["hung"] == 0 and counts["error"] == 0, describe(result)
+    assert counts["hung"] == counts["cut"] == counts["error"] == 0, describe(result)
     assert not wrong, wrong
-    assert counts["finished"] >= len(streams) // 4, describe(result)
+    assert counts["finished"] >= 1 and counts["retryable"] >= 1, describe(result)
     check_engines("faults")  # the streams the dead ingress held were aborted at the engines
 
 
