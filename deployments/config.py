@@ -58,6 +58,16 @@ class EngineSettings(BaseModel):
     min_prefill_tokens: PositiveInt = Field(32, description="a prefill advances at least this much every step")
     enable_prefix_caching: bool = Field(True, description="reuse the cached KV blocks of a prompt's longest cached "
                                                           "prefix (shared system prompts, later chat turns)")
+    device: str | None = Field(None, description='where an engine computes: "cpu", "cuda", "cuda:1"; unset: CUDA '
+                                                 "where visible, else the CPU (under transport local the routed "
+                                                 "experts live there too)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the engine's compute and KV dtype; unset: bfloat16 on CUDA, float32 elsewhere")
+    attention_backend: Literal["torch", "triton"] | None = Field(
+        None, description="the attention kernels; unset: triton on CUDA where it imports, else torch")
+    enforce_eager: bool = Field(False, description="decode steps run eagerly, never as captured CUDA graphs")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description='"dummy": random weights from config.json alone (benchmarks; transport local)')
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineSettings:

@@ -34,11 +34,13 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     then top-p, then min-p masked to -inf. temperature [S] (> 0), top_k [S] (V or more: off), top_p
     [S] (1: off), min_p [S] (0 or None: off). Ties with the k-th logit survive top-k; top-p keeps
     the token that crosses it; min-p keeps the tokens at least `min_p` times as likely as the most
-    likely one (a ratio, so the same before or after top-k and top-p renormalise)."""
-    scaled = _top_k_top_p(logits / temperature[:, None], top_k, top_p)  # [S, V]
+    likely one (a ratio, so the same before or after top-k and top-p renormalise). The settings may
+    be host tensors (the sampler's): which filters run is decided from them, without a device read."""
+    device = logits.device
+    scaled = _top_k_top_p(logits / temperature.to(device)[:, None], top_k, top_p)  # [S, V]
     if min_p is None or not bool((min_p > 0).any()):
         return scaled
-    floor = scaled.max(-1, keepdim=True).values + min_p.log()[:, None]  # [S, 1]; log 0 = -inf: off
+    floor = scaled.max(-1, keepdim=True).values + min_p.to(device).log()[:, None]  # [S, 1]; log 0 = -inf: off
     return scaled.masked_fill(scaled < floor, float("-inf"))
 
 
@@ -47,14 +49,17 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     use_top_k, use_top_p = bool((top_k < vocab).any()), bool((top_p < 1).any())
     if not (use_top_k or use_top_p):
         return scaled
+    top_p = top_p.to(scaled.device)
     if not use_top_p:
         on = top_k < vocab  # [S]
         widest = int(top_k[on].max())
+        top_k, on = top_k.to(scaled.device), on.to(scaled.device)
         values = torch.topk(scaled, widest, dim=-1).values  # [S, widest], descending
         kth = values.gather(1, (top_k.clamp(max=widest) - 1)[:, None])  # [S, 1]
         kth = kth.masked_fill(~on[:, None], float("-inf"))
         return scaled.masked_fill(scaled < kth, float("-inf"))
     ordered, order = scaled.sort(dim=-1, descending=True, stable=True)  # [S, V]
+    top_k = top_k.to(scaled.device)
     if use_top_k:
         kth = ordered.gather(1, (top_k.clamp(max=vocab) - 1)[:, None])  # [S, 1]
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -78,10 +83,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         greedy = [i for i, p in enumerate(params) if p.greedy]
         tokens[greedy] = logits[greedy].argmax(-1)
     chosen = [params[i] for i in rows]
-    temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in chosen], device=logits.device)  # [R]
-    top_p = torch.tensor([p.top_p for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
-    min_p = torch.tensor([p.min_p for p in chosen], dtype=torch.float32, device=logits.device)  # [R]
+    # On the host: filter_logits decides which filters run from them without reading the device.
+    temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float32)  # [R]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in chosen])  # [R]
+    top_p = torch.tensor([p.top_p for p in chosen], dtype=torch.float32)  # [R]
+    min_p = torch.tensor([p.min_p for p in chosen], dtype=torch.float32)  # [R]
     picked = logits if len(rows) == len(params) else logits[rows]
     probs = filter_logits(picked.float(), temperature, top_k, top_p, min_p).softmax(-1)  # [R, V]
     noise = torch.empty_like(probs).exponential_()  # [R, V]

@@ -22,10 +22,15 @@ def build_engine(config: AppConfig, model_dir: Path, wrap: Callable[[Dispatcher]
 
 def transport_dispatcher(config: AppConfig, model_dir: Path) -> Dispatcher:
     """The expert dispatcher of `config.transport` for one engine replica."""
-    if config.transport == "local":
+    if config.transport == "local":  # the experts on the engine's device, in its dtype
         from cluster.experts.dispatchers import load_local_dispatcher
+        from cluster.model.config import load_model_config
+        from cluster.model.weight_source import open_weights
 
-        return load_local_dispatcher(model_dir, max(config.num_expert_shards, 1))
+        engine = config.engine.to_engine_config()
+        device, dtype = engine.resolved_device(), engine.torch_dtype
+        weights = open_weights(model_dir, load_model_config(model_dir), engine.load_format, device, dtype)
+        return load_local_dispatcher(weights, max(config.num_expert_shards, 1), device=device, dtype=dtype)
     from deployments.serving.expert_registry import engine_group
 
     member = engine_group(config, model_dir)

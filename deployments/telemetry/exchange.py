@@ -53,6 +53,11 @@ class TimedDispatcher(Dispatcher):
     def token_counts(self) -> dict[int, torch.Tensor]:
         return self.inner.token_counts()
 
+    def graph_safe(self) -> bool:
+        # In-process experts on CUDA: decode steps replay as graphs, and their exchanges (inside the
+        # graph, on the device) are not timed; only eager steps' are.
+        return self.inner.graph_safe()
+
     def recover(self) -> None:
         self.inner.recover()
 
