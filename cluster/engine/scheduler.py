@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.sequence import Sequence, Status
-from cluster.engine.step_budget import StepBudget, StepShape, chunk_work
+from cluster.engine.step_budget import StepBudget, StepShape
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Scheduler:
         self.num_cached_tokens = 0  # of those, tokens the prefix cache gave
         self.step_budget = (StepBudget(config.target_step_ms, config.min_prefill_tokens)
                             if config.target_step_ms is not None else None)
-        self.last_shape = StepShape(0, 0, 0.0)  # what the last schedule() placed, for observe_step
+        self.last_shape = StepShape(0, 0)  # what the last schedule() placed, for observe_step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -99,11 +99,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _prefill_take(self, decodes: int, chunks: list[tuple[int, int]], context: int, want: int) -> int:
-        """Tokens of a prefill at `context` this step: what it wants, within the step-time budget."""
+    def _prefill_take(self, decodes: int, placed: int, want: int) -> int:
+        """Tokens of a prefill this step: what it wants, within the step-time budget."""
         if self.step_budget is None or want <= 1:
             return want
-        return self.step_budget.prefill_tokens(decodes, chunks, context, want)
+        return self.step_budget.prefill_tokens(decodes, placed, want)
 
     def observe_step(self, ms: float) -> None:
         """The last scheduled step's measured time (the engine's), which the prefill budget adapts to."""
@@ -113,16 +113,14 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        chunks: list[tuple[int, int]] = []  # (context before, tokens) of the step's prefill chunks
-        decodes = 0
+        placed = decodes = 0  # prefill tokens and decodes in the step so far
         # Decodes first (a token each), then the unfinished prefills in admission order.
         for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = self._prefill_take(decodes, chunks, seq.num_computed,
-                                   min(len(seq.token_ids) - seq.num_computed, budget))
+            n = self._prefill_take(decodes, placed, min(len(seq.token_ids) - seq.num_computed, budget))
             if n == 0:  # the step's time is spent: the other prefills wait a step
                 continue
             while not self.blocks.ensure(seq.seq_id, seq.num_computed + n):
@@ -135,7 +133,7 @@ class Scheduler:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
                 if len(seq.token_ids) - seq.num_computed > 1:
-                    chunks.append((seq.num_computed, n))
+                    placed += n
                 else:
                     decodes += 1
         width = self._width()
@@ -145,7 +143,7 @@ class Scheduler:
                 break
             reuse = self._cached_prefix(seq)
             start = seq.num_computed + len(reuse) * self.blocks.block_size
-            n = self._prefill_take(decodes, chunks, start, min(len(seq.token_ids) - start, budget))
+            n = self._prefill_take(decodes, placed, min(len(seq.token_ids) - start, budget))
             if n == 0 or not self.blocks.ensure(seq.seq_id, start + n, reuse):
                 break
             if seq.num_computed == 0:  # admitted from scratch (new, or preempted): a prefix cache query
@@ -161,10 +159,10 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             if len(seq.token_ids) - start > 1:
-                chunks.append((start, n))
+                placed += n
             else:
                 decodes += 1
-        self.last_shape = StepShape(decodes, sum(n for _, n in chunks), sum(chunk_work(c, n) for c, n in chunks))
+        self.last_shape = StepShape(decodes, placed)
         return scheduled
 
     def check_integrity(self) -> None:

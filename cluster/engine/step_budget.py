@@ -1,112 +1,74 @@
 """How many prefill tokens a step may take so that its time stays near `target_step_ms`.
 
-The engine feeds every step's measured time to a linear model of step time,
+The engine feeds every step's measured time, with what the step carried (`StepShape`). The next
+step's prefill is sized from the last one by the secant rule: the step time changes by about
+`ms_per_token` per token added or removed, so
 
-    ms = fixed + per_decode * decodes + per_token * prefill_tokens + per_attention * attention_work
+    prefill = last prefill + (target - last step's ms - ms_per_token * (decodes - last decodes)) / ms_per_token
 
-where `attention_work` is the prefill chunks' attention terms, sum of chunk x (context before it
-+ chunk / 2) in K-token units (a chunk attends to its context and, causally, to itself), fitted
-by exponentially weighted least squares (recent steps count most; a small ridge keeps it
-defined before the data tells the terms apart). The scheduler places the decodes first, then
-asks how many prefill tokens fit the time left.
+`ms_per_token` is a running average of a step's time over its tokens (decodes and prefill). It
+counts the step's fixed cost in, so it overstates what one more token costs: each step closes
+part of the gap to the target and none overshoots it, whatever the machine's speed or load. As a
+prompt's context grows its chunks cost more, the steps show it, and the chunks shrink.
 
-Two guards keep a wrong model from hurting the streams, and the streams from stalling a prompt:
-a step's prefill is at most twice the largest prefill of a measured step, so the model never
-extrapolates far and an untried size is approached by doubling; and every step still carries at
-least `min_tokens` of prefill, so a long prompt advances even when the decodes alone exceed the
-target.
+Two guards: a step's prefill is at most twice the largest measured (an untried size is approached
+by doubling); and every step still carries at least `min_tokens` of prefill, and the prefills
+together at least a quarter of the target's time, so a long prompt advances even when the decodes
+alone (or a loaded machine's fixed cost) exceed the target.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-_SCALE = (1.0, 64.0, 1024.0, 4096.0)  # the features to comparable magnitudes
-_DECAY = 0.97  # weight of a step 23 steps ago: about a half
-_RIDGE = 1e-3
+MIN_SHARE = 0.25  # of the target: the prefills' time even when the rest of the step fills or passes it
+_AVERAGE = 0.2  # weight of the newest step in the running ms per token
 
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a step computed, in the terms of the step-time model."""
+    """What a step computed."""
 
     decodes: int
     prefill_tokens: int
-    attention_work: float  # sum over prefill chunks of chunk x (context before + chunk / 2), in K-tokens
-
-    def features(self) -> list[float]:
-        raw = (1.0, float(self.decodes), float(self.prefill_tokens), self.attention_work)
-        return [x / s for x, s in zip(raw, _SCALE, strict=True)]
-
-
-def chunk_work(context: int, chunk: int) -> float:
-    """A prefill chunk's attention term: chunk x (context before it + chunk / 2), in K-tokens."""
-    return chunk * (context + chunk / 2) / 1024.0
 
 
 class StepBudget:
     def __init__(self, target_ms: float, min_tokens: int) -> None:
         self.target_ms = target_ms
         self.min_tokens = min_tokens
-        n = len(_SCALE)
-        self._gram = torch.eye(n, dtype=torch.float64) * _RIDGE  # weighted X^T X (ridge included)
-        self._moment = torch.zeros(n, dtype=torch.float64)  # weighted X^T y
-        self._coef = torch.zeros(n, dtype=torch.float64)
+        self.ms_per_token: float | None = None
+        self.last: tuple[StepShape, float] | None = None  # the last measured step and its ms
         self.seen_tokens = 0  # the largest prefill a measured step carried
         self.steps = 0
 
-    # -- fed by the engine ---------------------------------------------------------------------
-
     def observe(self, shape: StepShape, ms: float) -> None:
-        x = torch.tensor(shape.features(), dtype=torch.float64)
-        ridge = torch.eye(len(_SCALE), dtype=torch.float64) * _RIDGE
-        self._gram = (self._gram - ridge) * _DECAY + torch.outer(x, x) + ridge
-        self._moment = self._moment * _DECAY + x * ms
-        self._coef = torch.linalg.solve(self._gram, self._moment)
-        self.steps += 1
+        """A step's measured wall time (ms) and what it carried."""
+        tokens = shape.decodes + shape.prefill_tokens
+        if tokens:
+            rate = ms / tokens
+            self.ms_per_token = rate if self.ms_per_token is None else (
+                (1 - _AVERAGE) * self.ms_per_token + _AVERAGE * rate)
+        self.last = (shape, ms)
         self.seen_tokens = max(self.seen_tokens, shape.prefill_tokens)
-
-    # -- asked by the scheduler ----------------------------------------------------------------
-
-    @property
-    def coefficients(self) -> tuple[float, float, float, float]:
-        """fixed (ms), per decode, per prefill token, per K-token of attention work (ms each)."""
-        c = [float(v) / s for v, s in zip(self._coef, _SCALE, strict=True)]
-        return c[0], c[1], c[2], c[3]
-
-    def predict_ms(self, shape: StepShape) -> float:
-        fixed, per_decode, per_token, per_work = self.coefficients
-        return (fixed + per_decode * shape.decodes + max(per_token, 0.0) * shape.prefill_tokens
-                + max(per_work, 0.0) * shape.attention_work)
+        self.steps += 1
 
     def cap(self) -> int:
-        """The most prefill tokens a step may take: twice the largest the model has seen measured."""
+        """The most prefill tokens a step may take: twice the largest measured."""
         return max(self.min_tokens, 2 * self.seen_tokens)
 
-    def prefill_tokens(self, decodes: int, chunks: list[tuple[int, int]], context: int, limit: int) -> int:
-        """Tokens a prefill at `context` may take this step, beside `decodes` decodes and the
-        `chunks` ((context, tokens)) already placed, at most `limit`; at least `min_tokens` for
-        the step's first prefill (a long prompt advances every step)."""
-        placed = sum(n for _, n in chunks)
-        room = min(limit, self.cap() - placed)
-        floor = min(limit, self.min_tokens) if not chunks else 0
-        if room <= floor:
-            return floor
-        fixed, per_decode, per_token, per_work = self.coefficients
-        per_token, per_work = max(per_token, 0.0), max(per_work, 0.0)
-        spent = (fixed + per_decode * decodes + per_token * placed
-                 + per_work * sum(chunk_work(c, n) for c, n in chunks))
-        left = self.target_ms - spent
-        if left <= 0:
-            return floor
-        # Largest n with per_token * n + per_work * n * (context + n / 2) / 1024 <= left.
-        a, b = per_work / 2048.0, per_token + per_work * context / 1024.0
-        if a > 0:
-            n = int((-b + (b * b + 4 * a * left) ** 0.5) / (2 * a))
-        elif b > 0:
-            n = int(left / b)
-        else:
-            n = room
-        return max(floor, min(room, n))
+    def step_prefill(self, decodes: int) -> int:
+        """Prefill tokens for a step with `decodes` decodes (before the caps)."""
+        if self.last is None or self.ms_per_token is None:
+            return self.cap()
+        (shape, ms), rate = self.last, self.ms_per_token
+        at_target = shape.prefill_tokens + (self.target_ms - ms - rate * (decodes - shape.decodes)) / rate
+        least = MIN_SHARE * self.target_ms / rate
+        return int(max(at_target, least))
+
+    def prefill_tokens(self, decodes: int, placed: int, limit: int) -> int:
+        """Tokens the next prefill of a step may take, beside `decodes` decodes and `placed` prefill
+        tokens already in it, at most `limit`; at least `min_tokens` for the step's first."""
+        floor = min(limit, self.min_tokens) if not placed else 0
+        room = min(limit, self.cap() - placed, self.step_prefill(decodes) - placed)
+        return max(floor, room)
