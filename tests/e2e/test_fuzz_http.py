@@ -46,11 +46,32 @@ MESSAGE = {"type": "object", "required": ["role", "content"], "additionalPropert
     "role": {"enum": ["system", "user", "assistant"]},
     "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [TEXT_PART, IMAGE_PART]},
                                                "maxItems": 3}]}}}
-TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+# Small JSON Schemas (tool parameters, `response_format`), compiled into grammars by the server.
+TYPES = {"enum": ["object", "string", "integer", "number", "boolean", "array", "null"]}
+LEAF = {"type": "object", "additionalProperties": False, "properties": {
+    "type": TYPES, "minLength": {"type": "integer", "minimum": -1, "maximum": 8},
+    "maxLength": {"type": "integer", "minimum": -1, "maximum": 8}, "pattern": {"type": "string", "maxLength": 12},
+    "enum": {"type": "array", "maxItems": 3}, "minimum": {"type": "number"}, "maximum": {"type": "number"},
+    "format": {"enum": ["date", "date-time", "email", "uuid", "bogus"]}}}
+SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "type": TYPES, "properties": {"type": "object", "additionalProperties": LEAF, "maxProperties": 3},
+    "required": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+    "items": LEAF, "additionalProperties": {"type": "boolean"},
+    "anyOf": {"type": "array", "items": LEAF, "maxItems": 2},
+    "maxItems": {"type": "integer", "minimum": -1, "maximum": 4}}}
+RESPONSE_FORMAT = {"anyOf": [
+    {"type": "object", "required": ["type"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["text", "json_object", "regex", ""]}}},
+    {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["name", "schema"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "maxLength": 10}, "strict": {"type": "boolean"}, "schema": SCHEMA}}}},
+    {"type": "null"}]}
+TOOL = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
     "type": {"const": "function"},
-    "function": {"type": "object", "required": ["name"], "properties": {
+    "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
         "name": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]{0,20}$"}, "description": {"type": "string"},
-        "parameters": {"type": "object", "properties": {}}}}}}
+        "parameters": SCHEMA, "strict": {"type": "boolean"}}}}}
 
 
 def steered(doc: dict[str, Any]) -> dict[str, Any]:
@@ -69,17 +90,42 @@ def steered(doc: dict[str, Any]) -> dict[str, Any]:
     chat["messages"]["items"] = MESSAGE
     chat["messages"]["maxItems"] = 4
     chat["tools"]["anyOf"][0]["items"] = TOOL
+    for model in ("ChatCompletionRequest", "CompletionRequest"):
+        doc["components"]["schemas"][model]["properties"]["response_format"] = RESPONSE_FORMAT
     return doc
 
 
 @pytest.fixture(scope="module")
-def schema(server) -> schemathesis.BaseSchema:
+def published(server) -> dict[str, Any]:
     r = httpx.get(server.url("/openapi.json"), headers=server.headers, timeout=30)
     r.raise_for_status()
     doc = r.json()
     posts = [path for path, ops in doc["paths"].items() if "post" in ops]
     assert posts and all("requestBody" in doc["paths"][p]["post"] for p in posts), "undeclared request bodies"
-    return schemathesis.openapi.from_dict(steered(doc))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def schema(published) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_dict(steered(published))
+
+
+def structured(doc: dict[str, Any]) -> dict[str, Any]:
+    """The chat and completion bodies narrowed to a short prompt and what becomes a grammar (a
+    `response_format`, tools and the tool choice): drawn in nearly every example, not one in fifty."""
+    doc = steered(doc)
+    models = doc["components"]["schemas"]
+    chat, completion = models["ChatCompletionRequest"], models["CompletionRequest"]
+    chat["properties"] = {"messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": 2},
+                          "response_format": {"anyOf": RESPONSE_FORMAT["anyOf"][:2]},
+                          **{k: chat["properties"][k] for k in ("tools", "tool_choice", "reasoning_effort", "stream")}}
+    chat["required"] = ["messages", "response_format"]
+    completion["properties"] = {"prompt": {"type": "string", "minLength": 1, "maxLength": 20},
+                                "response_format": {"anyOf": RESPONSE_FORMAT["anyOf"][:2]},
+                                "stream": completion["properties"]["stream"]}
+    completion["required"] = ["prompt", "response_format"]
+    doc["paths"] = {p: doc["paths"][p] for p in ("/v1/chat/completions", "/v1/completions")}
+    return doc
 
 
 def operations(schema: schemathesis.BaseSchema) -> list[Any]:
@@ -179,6 +225,24 @@ def test_fuzz_every_route_with_the_key(server, schema, mode):
         assert sum(statuses[label].values()) >= EXAMPLES // 2, statuses  # not cut short by Hypothesis
         if mode is GenerationMode.POSITIVE:  # schema-valid data gets past the parser often enough to generate
             assert statuses[label][200] >= EXAMPLES // 10, statuses
+    answers_normally(server)
+
+
+def test_fuzz_structured_output(server, published):
+    """Schemas and tools the server compiles into grammars: refused with a 400 naming the part, or
+    followed; never a 5xx."""
+    base = server.url("")
+    statuses: Counter[int] = Counter()
+
+    def check(case: Case) -> None:
+        response = case.call(base_url=base, headers=server.headers, timeout=60)
+        statuses[response.status_code] += 1
+        check_answer(case, response)
+
+    for operation in operations(schemathesis.openapi.from_dict(structured(published))):
+        run_cases(operation, GenerationMode.POSITIVE, EXAMPLES, check)
+    print("structured", dict(statuses))
+    assert statuses[200] >= EXAMPLES // 10 and statuses[400] >= 1, statuses
     answers_normally(server)
 
 
