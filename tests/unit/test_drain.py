@@ -16,6 +16,7 @@ def test_the_signal_counts_fresh_reports_since_the_drain_began(monkeypatch) -> N
     monkeypatch.setattr(drain.time, "monotonic", lambda: now[0])
     signal = drain.DrainSignal()
     assert signal.report("a", 3) is False and signal.in_flight() is None
+    now[0] += 0.1
     signal.start()
     assert signal.in_flight() is None  # nobody reported since
     now[0] += 0.5
