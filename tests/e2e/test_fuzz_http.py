@@ -21,6 +21,7 @@ import httpx2 as httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
 from deployments.api.http_guards import OPEN_PATHS
@@ -243,6 +244,28 @@ def test_fuzz_structured_output(server, published):
         run_cases(operation, GenerationMode.POSITIVE, EXAMPLES, check)
     print("structured", dict(statuses))
     assert statuses[200] >= EXAMPLES // 10 and statuses[400] >= 1, statuses
+    answers_normally(server)
+
+
+def test_random_bytes_bodies(server, published):
+    """Bodies that are random bytes, or JSON text with random bytes in it, on every POST route: never
+    a 5xx, and a 4xx in the OpenAI shape."""
+    posts = sorted(p for p, ops in published["paths"].items() if "post" in ops)
+    json_ish = st.builds(lambda a, b: b'{"max_tokens": 2, "prompt": "' + a + b'", "messages": [' + b + b"]}",
+                         st.binary(max_size=40), st.binary(max_size=40))
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(posts), st.binary(max_size=200) | json_ish)
+    def fuzz(path: str, body: bytes) -> None:
+        r = httpx.post(server.url(path), headers={**server.headers, "Content-Type": "application/json"},
+                       content=body, timeout=60)
+        assert r.status_code < 500, (path, body, r.status_code, r.text)
+        if r.status_code >= 400:
+            error = r.json()["error"]
+            assert error["message"] and error["code"] == r.status_code, (path, body, r.text)
+
+    fuzz()
     answers_normally(server)
 
 
