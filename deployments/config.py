@@ -136,6 +136,9 @@ class AppConfig(BaseModel):
     ingress_num_cpus: NonNegativeFloat = 0.5
     engine_num_cpus: NonNegativeFloat = 1.0
     engine_num_gpus: NonNegativeFloat = 0.0
+    shard_num_gpus: NonNegativeFloat = Field(
+        0.0, description="GPUs each expert shard asks Ray for (transports ray and deepspeed); > 0: its experts and "
+                         "exchange buffers live on its GPU (deepspeed: NCCL, with engine_num_gpus > 0 too)")
     autoscaling: AutoscalingSettings | None = Field(
         None, description="replica bounds and targets: ingress on ongoing requests, engines on KV use and waiting "
                           "queue (docs/OPERATIONS.md); None: fixed num_*_replicas")
@@ -160,6 +163,16 @@ class AppConfig(BaseModel):
         if not value.startswith("/") or (len(value) > 1 and value.endswith("/")):
             raise ValueError("route_prefix must start with '/' and not end with one (unless it is '/')")
         return value
+
+    @model_validator(mode="after")
+    def _shard_gpus(self) -> AppConfig:
+        if self.shard_num_gpus > 0 and self.transport == "local":
+            raise ValueError("shard_num_gpus is for expert shard actors (transport ray or deepspeed); under "
+                             "transport local the experts live on the engine's device (engine_num_gpus)")
+        if self.transport == "deepspeed" and (self.shard_num_gpus > 0) != (self.engine_num_gpus > 0):
+            raise ValueError("transport deepspeed exchanges over NCCL on GPUs or gloo on CPUs, not a mix: set "
+                             "engine_num_gpus and shard_num_gpus both > 0, or both 0")
+        return self
 
     @model_validator(mode="after")
     def _autoscaling(self) -> AppConfig:

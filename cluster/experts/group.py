@@ -42,6 +42,14 @@ class GroupSpec:
     torch_threads: int = 1
     expert_cache_bytes: int = 0  # each shard's cache of dequantized FP8 experts, over its layers
     placement_timeout_s: float = 45.0  # the shards' placement group, else PlacementError (what is asked, what is free)
+    shard_num_gpus: float = 0.0  # each shard's GPUs from Ray (> 0: its experts and exchange buffers on its GPU)
+    engine_num_gpus: float = 0.0  # each engine actor's GPUs from Ray (the offline API's; Serve's: engine_num_gpus)
+
+    def shard_device(self) -> Any:
+        """The shards' device as the engine sees it (a shard checks its own CUDA when it starts)."""
+        from cluster.experts.devices import shard_device
+
+        return shard_device(self.shard_num_gpus, cuda_available=True)
 
 
 class ShardRegistry:
@@ -57,7 +65,8 @@ class ShardRegistry:
         self.spec = spec
         self.secret = WireSecret.generate()
         self.pg = pg if pg is not None else shard_placement_group(spec.num_shards, spec.placement_timeout_s,
-                                                                  require_distinct_nodes)
+                                                                  require_distinct_nodes,
+                                                                  gpus_per_shard=spec.shard_num_gpus)
         self.generation = [0] * spec.num_shards
         self.shards = [self._start(rank) for rank in range(spec.num_shards)]
         ray.get([s.ready.remote() for s in self.shards])
@@ -67,8 +76,9 @@ class ShardRegistry:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-        return ray.remote(ShardWorker).options(num_cpus=0.01, max_concurrency=8, max_restarts=0,
-                                               scheduling_strategy=strategy).remote(self.spec, rank, self.secret)
+        options = ray.remote(ShardWorker).options(num_cpus=0.01, num_gpus=self.spec.shard_num_gpus, max_concurrency=8,
+                                                  max_restarts=0, scheduling_strategy=strategy)
+        return options.remote(self.spec, rank, self.secret)
 
     def current(self) -> tuple[list[Any], list[int]]:
         return self.shards, self.generation
@@ -112,6 +122,7 @@ class GroupMember:
         from cluster.model.config import load_model_config
 
         self.spec, self.registry, self.find_registry = spec, registry, find_registry
+        self.backend = "gloo"  # the deepspeed group's (nccl when the engine and its shards are on GPUs)
         self.reform_seconds: list[float] = []
         text = load_model_config(spec.model_dir).text
         placement = ExpertPlacement.of_model(text, spec.num_shards)
@@ -122,10 +133,12 @@ class GroupMember:
             secret = ray.get(registry.exchange_secret.remote())
             dispatcher: Any = RayDispatcher(placement, shards, secret, spec.exchange_deadline_s)
         else:
+            from cluster.experts.devices import backend_device, exchange_backend
             from cluster.experts.transport_deepspeed import DeepSpeedDispatcher
 
+            self.backend = exchange_backend(spec.engine.resolved_device(), spec.shard_device())
             dispatcher = DeepSpeedDispatcher(placement, text.hidden_size, text.num_experts_per_tok,
-                                             spec.exchange_deadline_s)
+                                             spec.exchange_deadline_s, device=backend_device(self.backend))
             self._form(dispatcher, shards)
         dispatcher.on_failure = self._reform
         if owns_registry:  # the group leaves with this engine (scale-down, shutdown)
@@ -138,7 +151,7 @@ class GroupMember:
 
         from cluster.experts.transport_deepspeed import GroupAddress
 
-        address = GroupAddress(ray.util.get_node_ip_address(), free_port(), self.spec.num_shards + 1)
+        address = GroupAddress(ray.util.get_node_ip_address(), free_port(), self.spec.num_shards + 1, self.backend)
         joins = [s.join_deepspeed.remote(address, self.spec.exchange_deadline_s) for s in shards]
         dispatcher.join(address)
         ray.get(joins)
@@ -272,10 +285,11 @@ class ExpertGroup:
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         self.spec = spec
         # Placed here, so that a placement the cluster cannot hold is refused (PlacementError) in the caller.
-        pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, require_distinct_nodes)
+        pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, require_distinct_nodes,
+                                   gpus_per_shard=spec.shard_num_gpus)
         # Actor handles are Any here as elsewhere: ray's types give their methods no `.remote`.
         self.registry: Any = ray.remote(ShardRegistry).options(num_cpus=0, max_concurrency=4).remote(spec, pg=pg)
-        worker_cls = ray.remote(EngineWorker).options(num_cpus=0.01, max_concurrency=4)
+        worker_cls = ray.remote(EngineWorker).options(num_cpus=0.01, num_gpus=spec.engine_num_gpus, max_concurrency=4)
         self.engines: list[Any] = [worker_cls.remote(spec, self.registry) for _ in range(spec.num_engines)]
         try:
             ray.get([e.start.remote() for e in self.engines])
@@ -351,6 +365,6 @@ def owned_registry(spec: GroupSpec, name: str) -> Any:
     created it)."""
     import ray
 
-    pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, name=name)
+    pg = shard_placement_group(spec.num_shards, spec.placement_timeout_s, name=name, gpus_per_shard=spec.shard_num_gpus)
     return ray.remote(ShardRegistry).options(num_cpus=0, max_concurrency=4, name=name,
                                              namespace="moe-cluster").remote(spec, pg=pg)

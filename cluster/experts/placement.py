@@ -59,8 +59,8 @@ class ExpertPlacement:
 
     def assign(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids [T, K] -> the rank computing each (token, expert) pair [T, K]."""
-        table, copies = self.owner_table(layer)
-        token = torch.arange(topk_ids.shape[0])[:, None]  # [T, 1]
+        table, copies = (t.to(topk_ids.device) for t in self.owner_table(layer))
+        token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]  # [T, 1]
         copy = token % copies[topk_ids]  # [T, K]
         return table[topk_ids, copy]
 

@@ -69,6 +69,14 @@ class ExpertShard:
             return torch.zeros_like(hidden)
         return experts(hidden, topk_ids, topk_weights, every_slot=every_slot)
 
+    def compute_moved(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+        """`compute` for rows that arrive from elsewhere (a socket, a collective's buffer): moved to
+        this shard's device and dtype, answered on the rows' device in their dtype."""
+        out = self.compute(layer, hidden.to(self.device, self.dtype), topk_ids.to(self.device),
+                           topk_weights.to(self.device))  # [n, H]
+        return out.to(hidden.device, hidden.dtype)
+
     def graph_safe(self) -> bool:
         """Whether `compute(..., every_slot=True)` runs without host syncs (capturable in a CUDA graph)."""
         return all(e.graph_safe(every_slot=True) for e in self.experts.values())

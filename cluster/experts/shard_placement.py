@@ -19,8 +19,17 @@ class PlacementError(ConfigError):
     """The cluster cannot hold the expert shards' placement group (now, or within the timeout)."""
 
 
+def shard_bundle(distinct: bool, gpus_per_shard: float = 0.0) -> dict[str, float]:
+    """One shard's bundle: an expert slot when the shards spread over distinct nodes, its CPU
+    ask, and its GPUs when it computes on them (the shard actor asks for the same)."""
+    bundle = {EXPERT_SLOT: 1.0, "CPU": SHARD_CPUS} if distinct else {"CPU": SHARD_CPUS}
+    if gpus_per_shard > 0:
+        bundle["GPU"] = gpus_per_shard
+    return bundle
+
+
 def shard_placement_group(num_shards: int, timeout_s: float, require_distinct_nodes: bool | None = None,
-                          name: str = "") -> Any:
+                          name: str = "", gpus_per_shard: float = 0.0) -> Any:
     """A ready placement group with one bundle per shard; PlacementError (and nothing left
     behind) when it is not placed within `timeout_s`."""
     import ray
@@ -34,7 +43,7 @@ def shard_placement_group(num_shards: int, timeout_s: float, require_distinct_no
     if not distinct:
         log.warning("cluster has %d '%s' resources for %d shards: shards may share nodes", slots, EXPERT_SLOT,
                     num_shards)
-    bundle = {EXPERT_SLOT: 1, "CPU": SHARD_CPUS} if distinct else {"CPU": SHARD_CPUS}
+    bundle = shard_bundle(distinct, gpus_per_shard)
     strategy = "STRICT_SPREAD" if distinct else "PACK"
     pg = placement_group([bundle] * num_shards, strategy=strategy, name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

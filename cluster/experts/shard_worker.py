@@ -23,6 +23,7 @@ class ShardWorker:
     def __init__(self, spec: Any, rank: int, secret: WireSecret | None = None) -> None:
         import torch
 
+        from cluster.experts.devices import shard_device, shard_dtype
         from cluster.experts.placement import ExpertPlacement
         from cluster.experts.shard import ExpertShard
         from cluster.experts.transport_ray import Coalescer
@@ -34,8 +35,9 @@ class ShardWorker:
         self.text = config.text
         placement = ExpertPlacement.of_model(self.text, spec.num_shards)
         self.rank, self.world = rank, spec.num_shards + 1
+        device = shard_device(spec.shard_num_gpus)  # its GPU when it asked Ray for one
         self.shard = ExpertShard(CheckpointReader(spec.model_dir, config), placement, rank,
-                                  spec.expert_cache_bytes)
+                                 spec.expert_cache_bytes, device, shard_dtype(spec.engine.dtype, device))
         self.coalescer = Coalescer(self.shard, window_s=0.0005 if spec.num_engines > 1 else 0.0)
         self.server: Any = None  # the ray transport's exchange server, started on first use
         self._secret = secret  # the ray transport's: engines prove they hold it before a frame is read
@@ -87,6 +89,7 @@ class ShardWorker:
     def join_deepspeed(self, address: Any, deadline_s: float) -> None:
         """(Re-)joins the group as rank + 1 and serves exchanges in a thread until told to stop
         or until the group breaks (then the engine re-forms it and calls this again)."""
+        from cluster.experts.devices import backend_device
         from cluster.experts.transport_deepspeed import init_group, leave_group
 
         if self._loop is not None:
@@ -95,15 +98,20 @@ class ShardWorker:
                 raise RuntimeError(f"shard {self.rank}: previous exchange loop did not stop")
         leave_group()
         init_group(address, self.rank + 1, deadline_s)
-        self._loop = threading.Thread(target=self._serve, name="exchange-loop", daemon=True)
+        device = backend_device(address.backend)
+        self._loop = threading.Thread(target=self._serve, args=(device,), name="exchange-loop", daemon=True)
         self._loop.start()
 
-    def _serve(self) -> None:
+    def _serve(self, device: Any) -> None:
         from cluster.experts.transport_deepspeed import run_shard
 
         try:
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(torch.cuda.current_device())  # this thread's NCCL calls, on the group's GPU
             self.exchanges += run_shard(self.shard, self.rank + 1, self.world, self.text.hidden_size,
-                                        self.text.num_experts_per_tok)
+                                        self.text.num_experts_per_tok, device)
         except Exception as exc:  # noqa: BLE001 - a broken group ends the loop; the engine re-forms it
             log.warning("shard %d: exchange loop ended: %s", self.rank, exc)
 

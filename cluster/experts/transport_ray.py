@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cluster.experts.devices import PinnedStaging
 from cluster.experts.dispatchers import RemoteDispatcher
 from cluster.experts.placement import ExpertPlacement
 from cluster.experts.shard import ExpertShard, split_by_rank
@@ -65,8 +66,8 @@ class Coalescer:
             me.done.wait()
             return me.outcome()
         try:
-            out = self.shard.compute(layer, torch.cat([p.hidden for p in batch]), torch.cat([p.ids for p in batch]),
-                                     torch.cat([p.weights for p in batch]))
+            out = self.shard.compute_moved(layer, torch.cat([p.hidden for p in batch]),
+                                           torch.cat([p.ids for p in batch]), torch.cat([p.weights for p in batch]))
             start = 0
             for p in batch:
                 p.result = out[start:start + p.hidden.shape[0]]
@@ -92,6 +93,7 @@ class RayDispatcher(RemoteDispatcher):
         self.shards = list(shards)
         self._secret = secret
         self._clients: dict[int, ExchangeClient] = {}
+        self._outbound, self._inbound = PinnedStaging(), PinnedStaging()  # a GPU engine's host copies
 
     def _client(self, rank: int, deadline: float) -> ExchangeClient:
         import ray
@@ -107,21 +109,29 @@ class RayDispatcher(RemoteDispatcher):
         import ray
 
         deadline = time.monotonic() + self.deadline_s
-        shares = [s for s in split_by_rank(self.placement, layer, topk_ids, topk_weights) if s.rows.numel()]
+        # The rows travel in the engine's dtype (bf16 on GPUs). A GPU engine's leave in one copy
+        # through pinned host memory and its answer returns in one; the split is made on the host.
+        rows_host = self._outbound.to_host(hidden)  # [T, H]
+        ids_host, weights_host = topk_ids.cpu(), topk_weights.cpu()  # [T, K]
+        shares = [s for s in split_by_rank(self.placement, layer, ids_host, weights_host) if s.rows.numel()]
         try:
             clients = [self._client(s.rank, deadline) for s in shares]
             for share, client in zip(shares, clients, strict=True):  # every shard first: they compute in parallel
-                client.send(layer, hidden[share.rows], share.topk_ids, share.topk_weights, _left(deadline))
+                client.send(layer, rows_host[share.rows], share.topk_ids, share.topk_weights, _left(deadline))
             parts = [client.receive(_left(deadline)) for client in clients]  # each [n_r, H]
         except (WireError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.ActorUnavailableError) as exc:
             self._disconnect()  # a connection's state is unknown after a failure: start afresh
             raise ExchangeFailedError(f"layer {layer}: expert exchange failed ({type(exc).__name__}: {exc})") from exc
-        out = torch.zeros_like(hidden)  # [T, H]
+        total = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H] partial sums of the ranks, in fp32
         for share, part in zip(shares, parts, strict=True):
-            out.index_add_(0, share.rows, part.to(device=hidden.device, dtype=hidden.dtype))
-        self.routed.add(layer, topk_ids)
-        return out
+            total.index_add_(0, share.rows, part.float())
+        self.routed.add(layer, ids_host)
+        if hidden.device.type == "cpu":
+            return total.to(hidden.dtype)
+        staged = self._inbound.take(total.numel() * hidden.element_size()).view(hidden.dtype).view(total.shape)
+        staged.copy_(total)
+        return self._inbound.to_device(staged, hidden.device)
 
     def replace_shards(self, shards: list[Any], secret: WireSecret) -> None:
         """New shards (a replaced one, or a new registry's, which comes with a new secret)."""

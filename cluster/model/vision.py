@@ -123,6 +123,10 @@ class VisionEncoder:
     def dtype(self) -> torch.dtype:
         return self.tower.get_parameter("patch_conv.weight").dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.tower.get_parameter("patch_conv.weight").device
+
     def num_tokens(self, height: int, width: int) -> int:
         """Embedding rows of one preprocessed image of height x width pixels."""
         step = self.patch_size * self.merge
@@ -142,16 +146,18 @@ class VisionEncoder:
                 raise InvalidImageError(f"image {i} has non-finite pixel values", index=i)
 
     def encode(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
-        """Embeddings [N_i, H_text] of each image, in order, from one tower call."""
+        """Embeddings [N_i, H_text] of each image, in order, from one tower call. The padded batch
+        is built on the tower's device (each image copied once into its slot), in its dtype."""
         if not images:
             return []
         self.check(images)
         tensors = [as_image_tensor(i, im) for i, im in enumerate(images)]
         sizes = torch.tensor([t.shape[1:] for t in tensors], dtype=torch.long)  # [B, 2]
         hmax, wmax = (int(v) for v in sizes.max(dim=0).values)
-        pixels = torch.zeros(len(tensors), self.channels, hmax, wmax, dtype=self.dtype)  # [B, C, Hmax, Wmax]
+        pixels = torch.zeros(len(tensors), self.channels, hmax, wmax, dtype=self.dtype,
+                             device=self.device)  # [B, C, Hmax, Wmax]
         for b, t in enumerate(tensors):
-            pixels[b, :, : t.shape[1], : t.shape[2]] = t
+            pixels[b, :, : t.shape[1], : t.shape[2]] = t.to(self.device, self.dtype)
         layer = self.config.vision_feature_layer
         with torch.no_grad():
             out = self.tower(pixels, image_sizes=sizes, output_hidden_states=True, return_dict=True)

@@ -38,7 +38,8 @@ def group_spec(config: AppConfig, model_dir: Path) -> GroupSpec:
         config.autoscaling.engine_bounds()[1] if config.autoscaling else config.num_engine_replicas)
     return GroupSpec(str(model_dir), config.num_expert_shards, config.transport, config.engine.to_engine_config(),
                      num_engines=engines, exchange_deadline_s=config.exchange_deadline_s,
-                     placement_timeout_s=config.expert_placement_timeout_s)
+                     placement_timeout_s=config.expert_placement_timeout_s, shard_num_gpus=config.shard_num_gpus,
+                     engine_num_gpus=config.engine_num_gpus)
 
 
 class ExpertRegistry(ShardRegistry):

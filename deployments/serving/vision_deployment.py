@@ -106,7 +106,8 @@ class VisionEncoderDeployment:
         import torch
 
         assert self.encoder is not None
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, self.encoder.dtype) for im in images]
+        # The host images go as they are: the encoder builds the padded batch on its device (the GPU).
+        tensors = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         embeds = self.encoder.encode(tensors)  # every image of the batch in one tower call
         return [e.detach().to("cpu").contiguous() for e in embeds]
 
