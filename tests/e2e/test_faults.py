@@ -165,6 +165,13 @@ def wrong_answers(result: LoadResult, streams: list[Stream], references: list[Re
     return wrong
 
 
+def explicit_503(result: LoadResult) -> bool:
+    """Every stream that failed failed with a 503 (before it started, or as an SSE error event)
+    or gRPC UNAVAILABLE."""
+    return all(o.error.startswith(("HTTP 503", "SSE error 503", "gRPC UNAVAILABLE"))
+               for o in result.outcomes if o.status == "retryable")
+
+
 def load(server: Server, app: str, streams: list[Stream], fault: Callable[[], Any] | None,
          after_tokens: int = 2, when_started: int = 4) -> LoadResult:
     return asyncio.run(run_load(
@@ -230,7 +237,7 @@ def test_engine_replica_sigkill(fault_server: Server, streams, references) -> No
     assert not wrong, wrong
     # The victim ran at most MAX_NUM_SEQS streams; everything else it held had sent nothing and
     # was sent again.
-    assert 1 <= counts["retryable"] <= MAX_NUM_SEQS, describe(result)
+    assert 1 <= counts["retryable"] <= MAX_NUM_SEQS and explicit_503(result), describe(result)
     late = [o for o in result.outcomes if not result.started_before_fault(o, margin_s=0.5)]
     assert all(o.status == "finished" for o in late), describe(result)
     check_engines("faults")
@@ -256,7 +263,7 @@ def test_ingress_replica_sigkill(fault_server: Server, streams, references) -> N
     record("ingress replica SIGKILL", result, recovery.get("s"), len(wrong))
     assert counts["hung"] == counts["cut"] == counts["error"] == 0, describe(result)
     assert not wrong, wrong
-    assert counts["finished"] >= 1 and counts["retryable"] >= 1, describe(result)
+    assert counts["finished"] >= 1 and counts["retryable"] >= 1 and explicit_503(result), describe(result)
     check_engines("faults")  # the streams the dead ingress held were aborted at the engines
 
 
