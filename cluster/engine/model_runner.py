@@ -63,6 +63,8 @@ class ModelRunner:
         self.dtype = self.model.dtype
         self.copier = HostToDevice(self.device)
         self.graphs: DecodeGraphs | None = None
+        self._graph_rows = torch.zeros(0, dtype=torch.long)  # 0, 1, ... on the device: the rows of a graph
+        self._graph_longest = 0  # the context a graph's attention is shaped for
         self.dispatcher = dispatcher
         self.eos_ids: frozenset[int] = frozenset()  # held back with the stop ids under min_tokens (the engine's)
         self.reforms: list[float] = []  # seconds each expert-group re-formation took, oldest first
@@ -127,6 +129,7 @@ class ModelRunner:
             return False
         self._rope_tables(max(max_model_len, self._cos.shape[0]))  # once, full size: graphs read them in place
         self._graph_rows = torch.arange(max_num_seqs, device=self.device)
+        self._graph_longest = -(-max_model_len // self.block_size) * self.block_size  # the tables' full width
         self.graphs = DecodeGraphs(capture_sizes(max_num_seqs), max_model_len, self.block_size, scratch_block,
                                    self.device, self._static_decode, capture)
         return True
@@ -134,11 +137,9 @@ class ModelRunner:
     def _static_decode(self, slots: DecodeSlots) -> torch.Tensor:
         """The forward a decode graph captures: static inputs -> logits [n, V]. The longest
         context is taken as max_model_len, so the attention kernel's shape is the graph's own."""
-        assert self.graphs is not None
         n = slots.input_ids.shape[0]
         rows = self._graph_rows[:n]
-        longest = self.graphs.width * self.block_size
-        decode = DecodeBatch(rows, slots.block_tables, slots.context_lens, longest)
+        decode = DecodeBatch(rows, slots.block_tables, slots.context_lens, self._graph_longest)
         pos = slots.positions
         meta = AttentionMetadata(pos, slots.slot_mapping, (), decode, self._cos[pos], self._sin[pos],
                                  self._query_scale[pos])

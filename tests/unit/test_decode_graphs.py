@@ -80,6 +80,58 @@ def test_a_batch_wider_than_the_graphs_runs_eagerly(tiny_ckpt: Path) -> None:
     assert graphs.fits(8, graphs.width) and not graphs.fits(9, 1) and not graphs.fits(1, graphs.width + 1)
 
 
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPUs: records that a capture happened."""
+
+    def __init__(self) -> None:
+        self.captured = False
+
+    def pool(self) -> str:
+        return "pool"
+
+    def replay(self) -> None:
+        raise AssertionError("not replayed in this test")
+
+
+def test_the_capture_sequence_runs_warmups_then_captures_each_size_largest_first(
+        tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capture path with torch.cuda's stream and graph API faked (its Python, not CUDA's)."""
+    import contextlib
+
+    pools: list[object] = []
+
+    @contextlib.contextmanager
+    def graph(g: _FakeGraph, pool: object = None) -> Any:
+        pools.append(pool)
+        yield
+        g.captured = True
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    llm = LLM(tiny_ckpt, num_kv_blocks=32, max_num_seqs=4)
+    engine = llm.engine
+    assert engine is not None
+    runner = engine.runner
+    seen: list[int] = []
+    real = runner._static_decode
+    monkeypatch.setattr(runner, "_static_decode", lambda slots: seen.append(slots.input_ids.shape[0]) or real(slots))
+    monkeypatch.setattr(runner.model.attention, "graph_safe", True)  # the torch backend's plan, run here
+    runner.allocate_caches(33, 16)
+    assert runner.capture_decode_graphs(4, engine.max_model_len, 32, capture=True)
+    assert seen == [4, 4, 4, 2, 2, 2, 1, 1, 1]  # two warm-ups and the capture, largest first
+    assert pools == [None, "pool", "pool"]  # one memory pool for all
+    assert all(g.captured for g, _ in runner.graphs.graphs.values())
+    assert all(logits.shape == (n, engine.text.vocab_size) for n, (_, logits) in runner.graphs.graphs.items())
+
+
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "bincount",
           "unique"}
 
