@@ -8,6 +8,7 @@ tensor work for decodes), and rope tables are computed once per position, not pe
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from cluster.model.dispatch import Dispatcher, ExchangeFailedError
 from cluster.model.text_model import Mistral4TextModel
 from cluster.model.weight_source import WeightSource
 
+log = logging.getLogger(__name__)
 MAX_STEP_RETRIES = 3
 # Rope types whose tables depend on the batch's longest position rather than on each position.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -130,8 +132,15 @@ class ModelRunner:
         self._rope_tables(max(max_model_len, self._cos.shape[0]))  # once, full size: graphs read them in place
         self._graph_rows = torch.arange(max_num_seqs, device=self.device)
         self._graph_longest = -(-max_model_len // self.block_size) * self.block_size  # the tables' full width
-        self.graphs = DecodeGraphs(capture_sizes(max_num_seqs), max_model_len, self.block_size, scratch_block,
-                                   self.device, self._static_decode, capture)
+        try:
+            self.graphs = DecodeGraphs(capture_sizes(max_num_seqs), max_model_len, self.block_size, scratch_block,
+                                       self.device, self._static_decode, capture)
+        except RuntimeError as exc:  # a kernel that syncs or allocates on the host refuses capture
+            if not capture:
+                raise
+            log.warning("decode CUDA graphs could not be captured, decode steps run eagerly: %s", exc)
+            self.graphs = None
+            return False
         return True
 
     def _static_decode(self, slots: DecodeSlots) -> torch.Tensor:

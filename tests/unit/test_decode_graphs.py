@@ -189,3 +189,17 @@ def test_captured_graphs_decode_as_eager_on_cuda(tiny_ckpt: Path) -> None:
     # bf16 on a GPU: the graph's attention splits differ from eager's, so allow a late divergence
     agree = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
     assert agree >= 0.8 * sum(len(w) for w in want)
+
+
+def test_a_refused_capture_leaves_decode_eager(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    llm = LLM(tiny_ckpt, num_kv_blocks=32, max_num_seqs=4)
+    runner = llm.engine.runner  # type: ignore[union-attr]
+    monkeypatch.setattr(runner.model.attention, "graph_safe", True)
+    runner.allocate_caches(33, 16)
+    assert not runner.capture_decode_graphs(4, llm.engine.max_model_len, 32, capture=True)  # type: ignore[union-attr]
+    assert runner.graphs is None
+    assert len(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)[1].token_ids) == GREEDY.max_tokens
