@@ -283,6 +283,8 @@ def render(case: Case, dtype: torch.dtype, prefill: list[dict], decode: list[dic
                      f"context and no more). Against re-expanding: {min(ratios):.2f}-"
                      f"{max(ratios):.2f}x; by multiply-add count latent space does {by_count:.2f}x (per pair and "
                      f"head {latent} against {qk + d.v} + {expand}/{chunk} re-expanding).")
+    lines.append("- Context = chunk (a first chunk): both sides do the same work, the chunk's own latents expanded "
+                 "per head (causal SDPA after, an explicit mask before); their ratio is this machine's noise.")
     crossover = expand / (latent - qk - d.v)
     lines.append(f"- By count, re-expanding the context each chunk beats latent space for chunks over "
                  f"{crossover:.0f} tokens at these dimensions; latent space keeps no per-head copy of the context "
