@@ -232,7 +232,7 @@ class ModelRunner:
         decode = None
         if decode_idx:
             longest = max(starts[i] for i in decode_idx) + 1
-            decode = DecodeBatch(rows_d, tables_d, lens_d, longest)
+            decode = DecodeBatch(rows_d, tables_d, lens_d, longest, sum(starts[i] + 1 for i in decode_idx))
         spans = tuple(SeqSpan(flat_starts[i], counts[i], starts[i] + counts[i], table)
                       for i, table in zip(spanned, sent[7:], strict=True))
         cos, sin, query_scale = self._rope(positions, positions_d)

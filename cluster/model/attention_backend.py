@@ -39,6 +39,7 @@ class DecodeBatch:
     block_tables: torch.Tensor  # [B, W] int64
     context_lens: torch.Tensor  # [B] int64, each >= 1
     longest: int  # max(context_lens), known without reading the tensor
+    total: int | None = None  # sum(context_lens) where the host knows it (None: read from the tensor)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def plan_decode(batch: DecodeBatch, block_size: int) -> DecodePlan:
     longest_blocks = -(-batch.longest // block_size)
     per_part = max(1, PARTITION_TOKENS // block_size)
     padded = b * longest_blocks * block_size
-    if longest_blocks <= per_part or padded <= PADDING_TOLERATED * int(lens.sum()):
+    total = batch.total if batch.total is not None else int(lens.sum())  # the host's: no device read
+    if longest_blocks <= per_part or padded <= PADDING_TOLERATED * total:
         span = torch.arange(longest_blocks * block_size, device=lens.device)
         return DecodePlan(None, tables[:, :longest_blocks], (span[None, :] < lens[:, None])[:, None, :], None, None,
                           1)

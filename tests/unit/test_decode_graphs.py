@@ -203,3 +203,28 @@ def test_a_refused_capture_leaves_decode_eager(tiny_ckpt: Path, monkeypatch: pyt
     assert not runner.capture_decode_graphs(4, llm.engine.max_model_len, 32, capture=True)  # type: ignore[union-attr]
     assert runner.graphs is None
     assert len(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)[1].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_eager_decode_step_reads_back_only_its_tokens(tiny_ckpt: Path, backend: str) -> None:
+    """Without graphs too: once its inputs are sent, a decode step's forward (either attention
+    backend, the in-process experts) and greedy sampling read back only the tokens."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    llm = LLM(tiny_ckpt, num_kv_blocks=32, max_num_seqs=8, attention_backend=backend)
+    runner = llm.engine.runner  # type: ignore[union-attr]
+    calls: list[list[str]] = []
+    real = runner.forward
+
+    def watched(inputs: Any) -> torch.Tensor:
+        decoding = inputs.meta.decode is not None and not inputs.meta.spans
+        with _DeviceReads() as mode:
+            logits = real(inputs)
+            sample(logits, [GREEDY] * logits.shape[0], [None] * logits.shape[0]).tolist()
+        if decoding:
+            calls.append(mode.reads)
+        return logits
+
+    runner.forward = watched  # type: ignore[method-assign]
+    llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
+    assert calls and all(reads == ["tolist"] for reads in calls), calls
