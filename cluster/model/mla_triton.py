@@ -97,7 +97,9 @@ def mla_decode(query: torch.Tensor, cache: torch.Tensor, block_tables: torch.Ten
                longest: int | None = None) -> torch.Tensor:
     """query [B, h, c+r] (absorbed), cache [NB, page, c+r], block_tables [B, W] and context_lens [B]
     (every length >= 1) -> the attended latents [B, h, c] in the query's dtype. `longest` is
-    max(context_lens) where the caller knows it (saves a device sync)."""
+    max(context_lens) where the caller knows it (saves a device sync), or any bound above it: the
+    splits follow it alone (with the batch size), so a decode CUDA graph passes max_model_len and
+    its kernel's shape is fixed; splits past a sequence's length are empty."""
     if triton is None:
         raise RuntimeError("the triton attention backend needs the `triton` package")
     b, heads, width = query.shape
