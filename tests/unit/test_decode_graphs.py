@@ -228,3 +228,22 @@ def test_an_eager_decode_step_reads_back_only_its_tokens(tiny_ckpt: Path, backen
     runner.forward = watched  # type: ignore[method-assign]
     llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
     assert calls and all(reads == ["tolist"] for reads in calls), calls
+
+
+def test_triton_kernel_with_max_model_len_as_longest_matches_the_exact_longest() -> None:
+    """What a decode graph passes: splits shaped for max_model_len, most of them past every length."""
+    pytest.importorskip("triton")
+    from cluster.model import mla_triton
+
+    gen = torch.Generator().manual_seed(4)
+    cache = torch.randn(40, 16, 32 + 16, generator=gen)  # [NB, page, c+r]
+    lens = torch.tensor([1, 37, 150])
+    tables = torch.stack([torch.randperm(40, generator=gen)[:32] for _ in lens])  # [B, 32]: max_model_len 512
+    query = torch.randn(3, 4, 48, generator=gen)
+    exact = mla_triton.mla_decode(query, cache, tables, lens, 0.1, 32, longest=150)
+    for b in (3, 4):  # the graph of 4 carries a padding row
+        q, t, n = query, tables, lens
+        if b == 4:
+            q, t, n = torch.cat([query, query[:1]]), torch.cat([tables, tables[:1]]), torch.cat([lens, lens[:1]])
+        bound = mla_triton.mla_decode(q, cache, t, n, 0.1, 32, longest=512)[:3]
+        torch.testing.assert_close(bound, exact, rtol=1e-5, atol=1e-6)
