@@ -1,9 +1,10 @@
 """Faults under load (issue 18): with 20 greedy streams in flight (16 HTTP chats with
 `return_token_ids`, 4 gRPC GenerateStreams), an expert shard, an engine replica or an ingress
-replica is SIGKILLed, or the application is redeployed with a changed deployment option. Every
-stream ends (none hangs), every finished answer has the transformers reference's tokens under the
-tie rule, the ones that fail fail with an explicit retryable error, and afterwards every engine
-replica passes `check_integrity()` with all its KV blocks free, within RECOVERY_S of the fault.
+replica is SIGKILLed, the application is redeployed with a changed deployment option, or
+`moe-cluster serve` gets SIGTERM. Every stream ends (none hangs), every finished answer has the
+transformers reference's tokens under the tie rule, the ones that fail fail with an explicit
+retryable error, and afterwards every engine replica passes `check_integrity()` with all its KV
+blocks free, within RECOVERY_S of the fault.
 
 Each test appends its figures to `$MOE_FAULT_REPORT` (tests/e2e/fault_load.py) when set;
 `python -m ops.bench.fault_report FILE` makes the table of docs/OPERATIONS.md from it."""
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import httpx2 as httpx
 import pytest
 import ray
@@ -26,6 +28,8 @@ from ray.util.state import list_actors
 from cluster.model.tokenizer import Tokenizer
 from deployments.app import ENGINE_DEPLOYMENT
 from deployments.config import AppConfig
+from deployments.protos import moe_cluster_pb2 as pb
+from deployments.protos import moe_cluster_pb2_grpc as pb_grpc
 from tests.e2e.fault_load import LoadResult, Stream, describe, record, run_load
 from tests.e2e.support import Server
 from tests.reference import Reference, assert_matches_reference, reference_greedy
@@ -229,7 +233,8 @@ def test_engine_replica_sigkill(fault_server: Server, streams, references) -> No
         os.kill(victim, signal.SIGKILL)
         recovery["s"] = wait_recovered(fault_server, "faults", {ENGINE_DEPLOYMENT: 2, "Ingress": 2}, started)
 
-    result = load(fault_server, "faults", streams, kill)
+    # Once as many streams have tokens as both replicas run at once, the victim's running ones have.
+    result = load(fault_server, "faults", streams, kill, when_started=2 * MAX_NUM_SEQS)
     wrong = wrong_answers(result, streams, references)
     counts = result.by_status()
     record("engine replica SIGKILL", result, recovery.get("s"), len(wrong))
@@ -294,9 +299,21 @@ def test_redeploy_with_a_changed_option_under_load(fault_server: Server, streams
     check_engines("faults")
 
 
+def _grpc_status(port: int) -> tuple[Any, str]:
+    """The status of a new unary Generate call to `moe-cluster serve`'s gRPC port."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            pb_grpc.MoeClusterStub(channel).Generate(
+                pb.GenerateRequest(text="late", sampling=pb.SamplingOptions(max_tokens=2)), timeout=30,
+                metadata=[("application", "moe-cluster"), ("authorization", "Bearer cli-key")])
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_ckpt, streams, references) -> None:
     """SIGTERM to `moe-cluster serve` under load: the streams in flight finish with the reference's
-    tokens, a new request gets 503 (retryable) from then on, and the command exits 0."""
+    tokens, a new request gets 503 / UNAVAILABLE (retryable) from then on, and the command exits 0."""
     from tests.e2e.support import free_port
     from tests.e2e.test_config_and_cli import _start_serve
 
@@ -307,6 +324,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_ckpt, strea
         url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
         headers = {"Authorization": "Bearer cli-key"}
         refused: list[float] = []
+        grpc_refused: list[tuple[Any, str]] = []
         admitted_after: list[int] = []
         exit_s: dict[str, float] = {}
 
@@ -323,6 +341,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_ckpt, strea
                 if r.status_code == 503:
                     assert r.json()["error"]["type"] == "service_unavailable" and "Retry-After" in r.headers
                     refused.append(time.monotonic() - started)
+                    grpc_refused.append(_grpc_status(grpc_port))  # the streams still run: the server is up
                 else:
                     admitted_after.append(r.status_code)
                     time.sleep(0.1)
@@ -339,6 +358,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_ckpt, strea
         assert result.by_status()["finished"] == len(streams), describe(result)
         assert not wrong, wrong
         assert refused, f"no 503 after SIGTERM (answers: {admitted_after})"
+        code, details = grpc_refused[0]
+        assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, (code, details)
         assert all(code == 200 for code in admitted_after), admitted_after  # admitted before the drain: served
         assert proc.returncode == 0, rest
         assert "requests finished" in rest, rest
