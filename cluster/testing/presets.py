@@ -79,6 +79,16 @@ PRESETS: dict[str, Preset] = {
         {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
          "head_dim": 16, "patch_size": 16, "image_size": 256, "initializer_range": 0.08},
         description="262,656 positions (YaRN 513 x 512) on 1 layer and 1 head: 256K-token prompts on CPUs"),
+    # Mistral Small 4's layer sizes (transformers' Mistral4Config defaults) on 8 of its 36 layers:
+    # the GPU check's speed stage (ops/bench/gpu_check.py) with dummy weights, bf16 and FP8.
+    "gpu-bench": Preset(
+        "gpu-bench",
+        _text(hidden=4096, layers=8, heads=32, q_lora=1024, kv_lora=256, rope=64, nope=64, v=128, experts=128,
+              top_k=4, moe_inter=2048, inter=12288, original=8192, factor=128.0, init=0.02),
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "head_dim": 16, "patch_size": 16, "image_size": 256, "initializer_range": 0.02},
+        description="real layer sizes (hidden 4096, 32 heads, kv_lora 256, rope 64, 128 experts of 2048, "
+                    "top-4, 1 shared), 8 layers: GPU speed with load_format dummy"),
 }
 
 
