@@ -5,6 +5,7 @@ split into several partitions (small `PARTITION_TOKENS`) and into one."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -67,7 +68,8 @@ class Seq:
 def run_steps(layer: MLAAttention, seqs: list[Seq], steps: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
     """Runs `steps` (each a list of (sequence, new tokens)) and returns each sequence's outputs in
     position order."""
-    cache = torch.zeros(NUM_BLOCKS, BLOCK, layer.kv_lora_rank + layer.rope_dim)
+    dtype = layer.kv_b_proj.weight.dtype
+    cache = torch.zeros(NUM_BLOCKS, BLOCK, layer.kv_lora_rank + layer.rope_dim, dtype=dtype)
     outs: list[list[torch.Tensor]] = [[] for _ in seqs]
     width = max(s.table.shape[0] for s in seqs)
     for step in steps:
@@ -90,9 +92,9 @@ def run_steps(layer: MLAAttention, seqs: list[Seq], steps: list[list[tuple[int, 
             seq_ix = torch.tensor([owners[i] for i in decode_ix])
             lens = pos[decode_ix] + 1
             decode = DecodeBatch(torch.tensor(decode_ix), tables[seq_ix], lens, int(lens.max()))
-        cos, sin = layer.rope.cos_sin(pos, torch.float32)
+        cos, sin = layer.rope.cos_sin(pos, dtype)
         meta = AttentionMetadata(pos, slot_mapping, tuple(spans), decode, cos, sin, layer.rope.query_scale(pos))
-        y = layer(torch.stack(rows), meta, cache)
+        y = layer(torch.stack(rows).to(dtype), meta, cache)
         at = 0
         for which, n in step:
             outs[which].append(y[at:at + n])
@@ -142,6 +144,18 @@ def test_decode_of_one_long_and_many_short_contexts(layer: MLAAttention, text: T
     got = run_steps(layer, seqs, steps)
     for s, out in zip(seqs, got, strict=True):
         torch.testing.assert_close(out, reference(layer, s.x[:s.done]), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_stays_within_bf16_noise_of_the_fp32_reference(layer: MLAAttention, text: TextConfig,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch_attention, "PARTITION_TOKENS", 8)
+    seqs = _seqs(text, [40, 4], seed=5)
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    got = run_steps(half, seqs, [[(0, 10), (1, 3)], [(0, 29)], [(0, 1), (1, 1)]])  # the decodes split
+    for s, out in zip(seqs, got, strict=True):
+        want = reference(layer, s.x[:s.done])
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
 
 
 def test_decode_plan_of_mixed_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
