@@ -1,10 +1,10 @@
 """The "torch" attention backend: latent-space attention over the paged cache in plain torch ops.
 
-Prefill after the first chunk: a chunk's absorbed queries attend to the whole context's cached latents as one matrix
-product per row block (heads folded into rows: every head reads the same latent keys), so a chunk
-costs chunk x context and the context is never expanded per head. Row blocks bound the fp32 scores
-held at once, whatever the context length. (A first chunk attends to itself alone, per head: the
-base class's `prefill_fresh`.)
+Prefill after a sequence's first chunk: the chunk's absorbed queries attend to the whole context's
+cached latents as one matrix product per row block (heads folded into rows: every head reads the
+same latent keys), so a chunk costs chunk x context and the context is never expanded per head. Row
+blocks bound the fp32 scores held at once, whatever the context length. (A first chunk attends to
+itself alone, per head: the base class's `prefill_fresh`.)
 
 Decode: every sequence's context is cut into partitions of whole blocks; partitions of all
 sequences are attended together (one batched product, padding only inside each sequence's last
