@@ -86,6 +86,9 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self.counters = _Counters(reforms=self.runner.reforms)
+        # When the last step left work, its start: its time is measured up to the next step's start,
+        # so what the consumer does with its outputs (the streams' cost between steps) counts in.
+        self._step_started: float | None = None
 
     @property
     def model(self) -> Mistral4TextModel:
@@ -212,6 +215,9 @@ class LLMEngine:
     def step(self) -> list[EngineOutput]:
         """Runs one step; an output per request it advanced, with only that step's tokens."""
         started = time.perf_counter()
+        if self._step_started is not None:
+            self.scheduler.observe_step((started - self._step_started) * 1e3)
+            self._step_started = None
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -247,7 +253,10 @@ class LLMEngine:
                     if all(c.finished for c in self._requests[seq.request_id]):
                         del self._requests[seq.request_id]
                 outputs.append(self._output(seq))
-        self.scheduler.observe_step((time.perf_counter() - started) * 1e3)
+        if self.scheduler.has_work():
+            self._step_started = started
+        else:
+            self.scheduler.observe_step((time.perf_counter() - started) * 1e3)
         return outputs
 
     def _cache_computed(self, seq: Sequence) -> None:
