@@ -136,10 +136,12 @@ def serve_config(plan: MemoryPlan, model_dir: Path) -> dict[str, Any]:
         "transport": plan.transport,
         "num_expert_shards": plan.num_expert_shards,
         "num_engine_replicas": plan.num_engines,
-        # each replica asks Ray for the share of a GPU its memory takes
+        # each replica (and each expert shard) asks Ray for the share of a GPU its memory takes
         "engine_num_gpus": _share(plan.engine_bytes(), usable) if gpu else 0.0,
+        "shard_num_gpus": _share(plan.shard_bytes(), usable) if gpu and plan.num_expert_shards else 0.0,
         "engine": {"kv_cache_bytes": plan.engine_kv_bytes, "max_model_len": w.context,
-                   "max_num_seqs": w.max_num_seqs, "block_size": w.block_size},
+                   "max_num_seqs": w.max_num_seqs, "block_size": w.block_size,
+                   **({"device": "cuda", "dtype": "bfloat16"} if gpu else {})},
         "vision": {"num_replicas": 1 if plan.vision_bytes() else 0,
                    "num_gpus": _share(plan.vision_bytes(), usable) if gpu and plan.vision_bytes() else 0.0},
         "http_port": defaults.http_port,

@@ -186,14 +186,15 @@ def test_gpu_layout():
     docs = render("overlays/gpu")
     rs = rayservice("overlays/gpu")
     groups = {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert {"engine", "expert", "vision"} <= set(groups)
+    assert {"engine", "expert"} <= set(groups)
     expert = groups["expert"]
-    assert expert["resources"] == {"expert_slot": "1"}
+    # the plan puts the vision encoder beside the expert shard, on the expert pod's GPU
+    assert expert["resources"] == {"expert_slot": "1", "vision_slot": "1"}
     spec = expert["template"]["spec"]
     (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"].items() <= expert["template"]["metadata"]["labels"].items()
-    for name in ("engine", "expert", "vision"):
+    for name in ("engine", "expert"):
         container = groups[name]["template"]["spec"]["containers"][0]
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -215,6 +216,32 @@ def test_gpu_layout():
     engine = [d for d in app["deployments"] if d["name"] == ENGINE_DEPLOYMENT][0]
     assert engine["ray_actor_options"]["resources"] == {"engine_slot": 1}
     assert groups["engine"]["resources"] == {"engine_slot": "1"}
+
+
+def test_gpu_overlay_uses_its_expert_gpus():
+    """The GPU overlay's transport is one whose expert shards compute on the expert pods' GPUs (not
+    `local`, which would leave them idle): its shards ask Ray for GPUs, which the expert group's pods
+    offer; its engines run bf16 on CUDA; its model is the FP8 checkpoint the engine loads."""
+    from deployments.config import parse_config
+
+    rs = rayservice("overlays/gpu")
+    groups = {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    config = parse_config(app["args"])
+    assert config.transport in ("ray", "deepspeed") and config.num_expert_shards >= 1
+    assert 0 < config.shard_num_gpus <= 1 and config.engine_num_gpus > 0
+    assert (config.engine.device, config.engine.dtype) == ("cuda", "bfloat16")
+    assert "Mistral-Small-4" in (config.model or "")
+    if config.transport == "deepspeed":  # NCCL: every member on a GPU
+        assert config.engine_num_gpus > 0
+    # every shard's GPU share fits on the expert pods (one shard per pod: expert_slot 1)
+    expert = groups["expert"]
+    pod_gpus = int(expert["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(expert["resources"]["expert_slot"]) == 1 and config.shard_num_gpus <= pod_gpus
+    assert config.num_expert_shards <= int(expert["maxReplicas"])
+    vision = [d for d in app["deployments"] if d["name"] == VISION_DEPLOYMENT][0]["ray_actor_options"]
+    assert config.shard_num_gpus + vision["num_gpus"] <= pod_gpus  # the vision encoder beside the shard
+    assert vision["num_gpus"] == config.vision.num_gpus
 
 
 def test_serve_config_v2_is_the_project_serve_config():
@@ -246,7 +273,8 @@ def test_gpu_serve_config_differs_from_the_project_one_only_where_documented():
     gpu = (K8S / "overlays" / "gpu" / "serve_config.yaml").read_text()
     assert comparable(gpu) == comparable(SERVE_CONFIG.read_text())
     project_args = set(yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"])
-    assert set(yaml.safe_load(gpu)["applications"][0]["args"]) <= project_args | {"model", "served_model_name"}
+    layout = {"num_expert_shards", "shard_num_gpus", "expert_placement_timeout_s", "vision"}  # moe-cluster plan's
+    assert set(yaml.safe_load(gpu)["applications"][0]["args"]) <= project_args | {"model", "served_model_name"} | layout
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -5,6 +5,7 @@ hand below, not by the code under test."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,10 @@ def test_written_config_is_a_serve_config_that_serve_takes(tmp_path, capsys):
     assert config.engine.kv_cache_bytes == USABLE - FP8["dense"] - ENGINE_RESERVE
     # GPU shares asked of Ray: the engine fills its GPU; the vision encoder's 2.30 GiB of 126 GiB -> 0.02
     assert (config.num_engine_replicas, config.engine_num_gpus, config.vision.num_gpus) == (1, 1.0, 0.02)
+    # the expert shard asks for its share of its GPU, and the engine computes there in bf16
+    shard_bytes = FP8["expert"] * 128 * 36 + SHARD_RESERVE["fp8"]
+    assert config.shard_num_gpus == math.ceil(shard_bytes * 100 / USABLE) / 100 > 0.5
+    assert (config.engine.device, config.engine.dtype) == ("cuda", "bfloat16")
 
 
 def test_headers_and_config_only_agree(tiny_ckpt, tmp_path):
