@@ -3,11 +3,12 @@
 
 A graph replays fixed kernels on fixed addresses, so each padded size has static inputs: one int64
 device buffer (token ids, positions, cache slots, context lengths, block tables as wide as
-max_model_len needs), which the step fills with a single host-to-device copy. A batch of b
-sequences runs in the smallest size n >= b; rows b..n-1 are padding: token 0 at position 0, its
-latent written to a scratch KV block that no sequence owns, attending to that block alone. The
-attention kernel's shape (its context splits) is fixed per graph by taking max_model_len as the
-longest context; the rope tables are built for max_model_len before capture and never move.
+max_model_len needs), which the step fills from one host-to-device copy of the table columns it
+uses. A batch of b sequences runs in the smallest size n >= b; rows b..n-1 are padding: token 0 at
+position 0, its latent written to a scratch KV block that no sequence owns, attending to that
+block alone. The attention kernel's shape (its context splits) is fixed per graph by taking
+max_model_len as the longest context; the rope tables are built for max_model_len before capture
+and never move.
 
 Without CUDA (`capture=False`) the same static buffers, padding and size choice run eagerly: that
 is how the bookkeeping is tested on CPUs.
@@ -114,9 +115,14 @@ class DecodeGraphs:
         if n is None:
             raise ValueError(f"a decode batch of {b} exceeds the largest graph ({self.sizes[-1]})")
         slots = self.slots[n]
-        host = self.copier.staging(slots.packed.numel())
-        pack_decode(host, n, self.width, token_ids, positions, block_tables, self.block_size, self.scratch_block)
-        self.copier.send(host, slots.packed)
+        # Only the columns this batch uses travel (a table as wide as max_model_len can be MBs); the
+        # static table's columns past them keep older entries, which no row reads (past its length).
+        width = block_tables.shape[1]
+        host = self.copier.staging(n * (4 + width))
+        pack_decode(host, n, width, token_ids, positions, block_tables, self.block_size, self.scratch_block)
+        sent = DecodeSlots.of(self.copier.send(host), n, width)
+        slots.packed[:4 * n].copy_(sent.packed[:4 * n])
+        slots.block_tables[:, :width].copy_(sent.block_tables)
         self.replays[n] += 1
         if not self.capture:
             return self.forward(slots)[:b]
