@@ -78,18 +78,24 @@ class EngineConfig:
         """The compute dtype: `dtype`, else bfloat16 on CUDA and float32 elsewhere."""
         if self.dtype is not None:
             return DTYPES[self.dtype]
-        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return torch.bfloat16 if self.device_type() == "cuda" else torch.float32
+
+    def device_type(self) -> str:
+        """"cuda" or "cpu" (...) as `resolved_device` would give, without asking that the device be
+        here: a head node without GPUs plans for engines that will have them."""
+        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(name).type
+        except RuntimeError as exc:
+            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
 
     def resolved_device(self) -> torch.device:
         """`device`, else CUDA where it is visible and the CPU elsewhere."""
-        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
+        self.device_type()  # a name torch knows
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device (torch {torch.__version__}; "
-                              "install a CUDA build of torch, or set device 'cpu')")
+            raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device (torch "
+                              f"{torch.__version__}; install a CUDA build of torch, or set device 'cpu')")
         return device
 
     def resolved_attention_backend(self) -> str:

@@ -118,7 +118,7 @@ def limits_before_start(config: EngineConfig, text: TextConfig) -> ResolvedLimit
     """What an engine's start will resolve, from config.json and the engine config alone (the
     cache is in the engine's dtype): `moe-cluster serve` refuses a bad `max_model_len` with it
     before Ray starts. None where only the GPU's measurement can tell."""
-    if config.num_kv_blocks is None and config.kv_cache_bytes is None and config.resolved_device().type == "cuda":
+    if config.num_kv_blocks is None and config.kv_cache_bytes is None and config.device_type() == "cuda":
         return None
     pool = None if config.num_kv_blocks is not None else fixed_pool_bytes(config, os.environ)
     return resolve_limits(config, text, config.torch_dtype, pool)

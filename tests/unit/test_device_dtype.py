@@ -31,6 +31,16 @@ def test_defaults_follow_what_the_host_has(monkeypatch: pytest.MonkeyPatch) -> N
     assert EngineConfig(dtype="bfloat16").torch_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="no CUDA device"):
         EngineConfig(device="cuda").resolved_device()
+    # A head node without GPUs plans for engines that will have them: no refusal, the GPU's measure decides.
+    cuda = EngineConfig(device="cuda")
+    assert cuda.device_type() == "cuda" and cuda.torch_dtype == torch.bfloat16
+    from cluster.engine.kv_pool import limits_before_start
+    from cluster.model.config import parse_text_config
+    from cluster.testing.presets import get_preset
+
+    assert limits_before_start(cuda, parse_text_config(get_preset("tiny").text)) is None
+    with pytest.raises(ConfigError, match="not a torch device"):
+        EngineConfig(device="tpu:x").torch_dtype  # noqa: B018
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = EngineConfig()
     assert (str(config.resolved_device()), config.torch_dtype) == ("cuda", torch.bfloat16)
