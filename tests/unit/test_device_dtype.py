@@ -133,3 +133,47 @@ print(len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "3"
+
+
+@pytest.mark.gpu
+def test_cuda_decode_step_forward_and_sampling_do_not_sync(tiny_ckpt: Path) -> None:
+    """On CUDA, eagerly: torch's sync debug mode refuses any synchronizing call in a decode step's
+    forward and greedy sampling (the tokens' read back comes after)."""
+    from cluster.engine.sampler import sample
+
+    llm = LLM(tiny_ckpt, num_kv_blocks=64, device="cuda", dtype="bfloat16", enforce_eager=True)
+    assert llm.engine is not None
+    runner = llm.engine.runner
+    assert runner.caches[0].is_cuda and runner.model.lm_head.weight.dtype == torch.bfloat16
+    checked: list[int] = []
+    real = runner.forward
+
+    def strict(inputs):  # noqa: ANN001, ANN202
+        if inputs.meta.spans or inputs.meta.decode is None:
+            return real(inputs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = real(inputs)
+            tokens = sample(logits, [GREEDY] * logits.shape[0], [None] * logits.shape[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(int(tokens.shape[0]))
+        return logits
+
+    runner.forward = strict  # type: ignore[method-assign]
+    llm.generate([[1, 5, 9], [1, 7, 8, 9, 10]], GREEDY, use_tqdm=False)
+    assert checked
+
+
+@pytest.mark.gpu
+def test_dummy_weights_on_cuda_in_bf16_and_fp8(tiny_ckpt: Path, tmp_path: Path) -> None:
+    quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    for name, changes in (("bf16", {}), ("fp8", {"quantization_config": quant})):
+        model = _config_only(tiny_ckpt, tmp_path / name, **changes)
+        llm = LLM(model, num_kv_blocks=64, load_format="dummy", device="cuda", dtype="bfloat16")
+        assert llm.engine is not None and llm.engine.runner.graphs is not None
+        out = llm.generate([[1, 5, 9, 22]] * 3, GREEDY, use_tqdm=False)
+        assert [len(o.token_ids) for o in out] == [GREEDY.max_tokens] * 3
+        layer = llm.engine.dispatcher.shards[0].experts[0]  # type: ignore[attr-defined]
+        weight = layer.fp8[0].weight if layer.fp8 is not None else layer.gate_up_proj
+        assert weight.is_cuda and weight.dtype == (torch.float8_e4m3fn if changes else torch.bfloat16)
