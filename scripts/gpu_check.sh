@@ -2,7 +2,7 @@
 # The prepared GPU check (issue 15): engine-level and Ray-free, a capability probe then stages
 # (parity, speed in bf16 and FP8, transformers' generate), each writing its JSON before the next
 # starts; the table goes to stdout and to $MOE_GPU_CHECK_TABLE (default OUT_DIR/table.md). About
-# 5 minutes on an H200, at most --budget-s (450 s) for all stages. See ops/bench/gpu_check.py.
+# 5 minutes on an H200, at most --budget-s (460 s) for all stages. See ops/bench/gpu_check.py.
 #
 # Here (a CPU machine with the project's venv, mistral-common and a package index), once:
 #   scripts/gpu_check.sh --prepare   # parity checkpoints -> .gpu_check/ckpt; llguidance's wheel -> .whl/
