@@ -23,6 +23,7 @@ logger = logging.getLogger("ray.serve")
 NAMESPACE = "moe-cluster"
 POLL_S = 0.5
 FRESH_S = 3 * POLL_S  # a report older than this is from a replica that has gone
+LOOKUP_S = 5.0  # between lookups of a signal actor that was not there (the command starts it before deploying)
 
 
 def signal_name(app_name: str) -> str:
@@ -95,17 +96,19 @@ class DrainWatch:
         import ray
 
         signal = None
-        while not self._stop.wait(POLL_S):
+        wait_s = POLL_S
+        while not self._stop.wait(wait_s):
             try:
                 if signal is None:
                     signal = ray.get_actor(self._name, namespace=NAMESPACE)
+                wait_s = POLL_S
                 if ray.get(signal.report.remote(self._replica, self._in_flight()), timeout=5):
                     self._on_drain()
             except ValueError:
-                signal = None  # no signal actor (yet): nothing to drain for
+                signal, wait_s = None, LOOKUP_S  # no signal actor: an application deployed otherwise
             except Exception:  # noqa: BLE001 - the signal's owner has gone: keep serving
                 logger.debug("drain watch: signal unreachable", exc_info=True)
-                signal = None
+                signal, wait_s = None, LOOKUP_S
 
     def stop(self) -> None:
         self._stop.set()
