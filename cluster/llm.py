@@ -60,7 +60,7 @@ class LLM:
                  image_limits: ImageLimits | None = None, num_routers: int | None = None,
                  expert_cache_bytes: int = 0, enable_prefix_caching: bool = True, device: str | None = None,
                  dtype: str | None = None, load_format: str = "auto", attention_backend: str | None = None,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, shard_num_gpus: float = 0.0, engine_num_gpus: float = 0.0) -> None:
         """`transport="local"` runs everything here (with `num_expert_shards` > 1, experts are split
         over in-process shards by placement). A distributed transport ("deepspeed", "ray") starts or
         joins a Ray cluster and runs `num_engines` engines (attention; more than one only with "ray")
@@ -74,7 +74,9 @@ class LLM:
         the KV pool, the step and, under `transport="local"`, the routed experts (FP8 experts stay
         fp8). `load_format="dummy"` builds random weights on the device from config.json alone (no
         weight file, no tokenizer needed: prompts as token ids). `attention_backend` ("torch",
-        "triton"; None: triton on CUDA where importable); `enforce_eager` turns decode CUDA graphs off."""
+        "triton"; None: triton on CUDA where importable); `enforce_eager` turns decode CUDA graphs off.
+        With a distributed transport, `shard_num_gpus` and `engine_num_gpus` are the GPUs each shard and
+        engine actor asks Ray for (shards with GPUs keep their experts there)."""
         if num_routers is not None:
             import warnings
 
@@ -115,7 +117,8 @@ class LLM:
                 raise ConfigError(f"transport {transport!r} needs num_expert_shards >= 1")
             self.group = ExpertGroup(GroupSpec(str(model), num_expert_shards, transport, config,
                                                num_engines=num_engines, exchange_deadline_s=exchange_deadline_s,
-                                               expert_cache_bytes=expert_cache_bytes))
+                                               expert_cache_bytes=expert_cache_bytes, shard_num_gpus=shard_num_gpus,
+                                               engine_num_gpus=engine_num_gpus))
             self.tokenizer = StopChecker.for_model_dir(self.model_dir, ()).tokenizer
         self._ids = itertools.count()
         self.image_limits = image_limits or ImageLimits()
