@@ -106,8 +106,10 @@ class ModelRunner:
         if logits is None:
             inputs = self.prepare(scheduled, block_tables, samples)
             logits = self.forward(inputs)
-            if logits.shape[0] != int(inputs.samples_per_row.sum()):  # a host tensor
-                logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0)  # [S, V]
+            total = int(inputs.samples_per_row.sum())  # a host tensor
+            if logits.shape[0] != total:  # choices forking: each takes its row (output_size: no device read)
+                logits = logits.repeat_interleave(inputs.samples_per_row.to(logits.device), dim=0,
+                                                  output_size=total)  # [S, V]
         flat = [seq for group in samples for seq in group]
         adjusted = adjust_logits(logits, flat, self.eos_ids)  # [S, V]: bias, penalties, min_tokens
         adjusted = mask_logits(adjusted, [s.grammar for s in flat], inplace=adjusted is not logits)  # [S, V]
