@@ -93,8 +93,9 @@ def served(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[A
     made: list[HoldingDispatcher] = []
     local = dispatchers.load_local_dispatcher
 
-    def holding(model_dir: Any, num_shards: int = 1) -> HoldingDispatcher:
-        made.append(HoldingDispatcher(local(model_dir, num_shards)))
+    def holding(model_dir: Any, num_shards: int = 1, cache_bytes: int = 0, device: Any = None,
+                dtype: Any = None) -> HoldingDispatcher:
+        made.append(HoldingDispatcher(local(model_dir, num_shards, cache_bytes, device, dtype)))
         return made[-1]
 
     monkeypatch.setattr(dispatchers, "load_local_dispatcher", holding)
