@@ -10,6 +10,9 @@ without a word.
   started responses are all SSE streams (a whole JSON answer is sent in one piece).
 - gRPC: UNAVAILABLE.
 
+Before any of that, a request that had been sent nothing yet is sent again to another replica
+(`proxy_resend.py`, at most twice); these answers are for what cannot be resent.
+
 Only a lost replica (`RayActorError`) changes; every other failure keeps Serve's status. If Serve's
 internals differ from the version this was written against, it logs a warning and changes nothing."""
 
@@ -19,6 +22,8 @@ import dataclasses
 import json
 import logging
 from typing import Any
+
+from deployments.grpc import proxy_resend
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,6 +54,7 @@ def install(proxy: Any) -> None:
     def get_http_response_status(exc: BaseException, *args: Any) -> Any:
         status = http_status(exc, *args)
         if lost(exc) and status.code == 500:
+            proxy_resend.note_lost(args[1] if len(args) > 1 else None)
             return dataclasses.replace(status, code=503, message=MESSAGE)
         return status
 
@@ -65,9 +71,19 @@ def install(proxy: Any) -> None:
     def get_grpc_response_status(exc: BaseException, *args: Any) -> Any:
         status = grpc_status(exc, *args)
         if lost(exc) and status.code == grpc.StatusCode.INTERNAL:
+            proxy_resend.note_lost(args[1] if len(args) > 1 else None)
             return dataclasses.replace(status, code=grpc.StatusCode.UNAVAILABLE, message=MESSAGE)
         return status
 
     proxy.get_http_response_status = get_http_response_status
     proxy.send_http_response_on_exception = send_http_response_on_exception
     proxy.get_grpc_response_status = get_grpc_response_status
+
+    def failure(request_type: str) -> list[Any]:
+        """A lost request's whole answer (then its status), for one that was not started."""
+        if request_type == "grpc":
+            return [proxy.ResponseStatus(code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=MESSAGE)]
+        status = proxy.ResponseStatus(code=503, is_error=True, message=MESSAGE)
+        return [*send_http_response_on_exception(status, False), status]
+
+    proxy_resend.install(proxy, failure)
