@@ -21,7 +21,8 @@ ended at its deadline as such (`ray_moe_cluster_requests_finished_total{reason="
 rather than as a client cancel.
 
 And it answers a call whose ingress replica died with a retryable 503 / UNAVAILABLE
-(`proxy_replica_lost.py`), for HTTP too: the hook runs in the process of both proxies.
+(`proxy_replica_lost.py`), or sends it to another replica when nothing was sent back yet
+(`proxy_resend.py`), for HTTP too: the hook runs in the process of both proxies.
 """
 
 from __future__ import annotations

@@ -251,9 +251,10 @@ def test_engine_replica_sigkill(fault_server: Server, streams, references) -> No
 
 
 def test_ingress_replica_sigkill(fault_server: Server, streams, references) -> None:
-    """Streams through the killed ingress replica end with a retryable error (Serve's proxy, with
-    deployments/grpc/proxy_replica_lost.py: 503, an SSE error event once started, UNAVAILABLE);
-    the other ingress replica's streams finish with the reference's tokens."""
+    """Streams through the killed ingress replica that had started end with a retryable error
+    (Serve's proxy, with deployments/grpc/proxy_replica_lost.py: an SSE error event, UNAVAILABLE);
+    those that had received nothing are sent to the other ingress replica (proxy_resend.py) and
+    finish with the reference's tokens, as do the other ingress replica's streams."""
     fault_server.app("faults")
     check_engines("faults")
     victim = sorted(replica_pids("faults", "Ingress").values())[0]
@@ -271,6 +272,11 @@ def test_ingress_replica_sigkill(fault_server: Server, streams, references) -> N
     assert counts["hung"] == counts["cut"] == counts["error"] == 0, describe(result)
     assert not wrong, wrong
     assert counts["finished"] >= 1 and counts["retryable"] >= 1 and explicit_503(result), describe(result)
+    # Only streams whose response had begun failed (a 503 / UNAVAILABLE before any output would
+    # mean a call was not resent); those not begun by the fault were resent and finished.
+    assert all(o.started_at is not None for o in result.outcomes if o.status == "retryable"), describe(result)
+    late = [o for o in result.outcomes if not result.started_before_fault(o, margin_s=0.5)]
+    assert all(o.status == "finished" for o in late), describe(result)
     check_engines("faults")  # the streams the dead ingress held were aborted at the engines
 
 
