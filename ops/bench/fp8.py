@@ -93,7 +93,7 @@ def run_side(spec: dict) -> dict:
     cache_bytes = int(spec["cache_fraction"] * held * 3 * text.hidden_size * text.moe_intermediate_size * 4)
     t0 = time.perf_counter()
     llm = LLM(spec["ckpt"], num_expert_shards=spec["shards"], expert_cache_bytes=cache_bytes,
-              max_num_batched_tokens=512)
+              max_num_batched_tokens=512, dtype=spec["dtype"])
     load_s = time.perf_counter() - t0
     from cluster.experts.dispatchers import LocalDispatcher
 
@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for side in SIDES:
-                spec = {"ckpt": ckpts[side.checkpoint], "shards": args.shards, "threads": args.threads,
+                # Each side computes in its checkpoint's dtype (the engine's CPU default is float32).
+                spec = {"ckpt": ckpts[side.checkpoint], "dtype": CHECKPOINTS[side.checkpoint]["dtype"],
+                        "shards": args.shards, "threads": args.threads,
                         "cache_fraction": side.cache_fraction, "decode": side.decode, "workload": args.workload}
                 results[side.name].append(run_child(MODULE, side.name, spec, Path(tmp), args.threads,
                                                     timeout=600 if args.smoke else 3600))
