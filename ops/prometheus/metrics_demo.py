@@ -81,6 +81,7 @@ class _EngineServer:
         for _ in range(4):
             await asyncio.sleep(random.uniform(0.001, 0.01))
             r.on_token()
+        r.on_cached_tokens(16 * (i % 3))
         r.on_finish(["stop", "length", "client", "deadline"][i % 4])
         for layer, c in self.counts.items():
             for k in range(4):
@@ -91,7 +92,8 @@ class _EngineServer:
         self.vision.observe_encoder(random.uniform(0.01, 0.1))
         stats = EngineStats(num_running=2 + i % 3, num_waiting=i % 2, kv_blocks_used=90, kv_blocks_total=100,
                             num_preemptions=self.step // 5, forward_calls=self.step * 3, prompt_tokens=self.step * 20,
-                            generation_tokens=self.step * 4, aborts=0)
+                            generation_tokens=self.step * 4, aborts=0, prefix_queried_tokens=self.step * 32,
+                            prefix_cached_tokens=self.step * 16, prefix_cached_blocks=self.step % 7)
         load = KVLoad(free_blocks=10, reserved_blocks=0, total_blocks=100, block_size=16,
                       num_running=stats.num_running, num_waiting=stats.num_waiting)
         self.engine.observe(EngineSnapshot(stats, load, {k: list(v) for k, v in self.counts.items()},
